@@ -3,8 +3,12 @@ client, where each manager's events go, and models another manager holds."""
 
 from __future__ import annotations
 
+import collections
 import gc
+import itertools
+import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from torch.nn import functional as F
 
 import kasmina
 from kasmina.control.auth import sign_command
-from kasmina.control.builders import make_seed_command
+from kasmina.control.builders import make_rollback_command, make_seed_command
 from kasmina.errors import ParameterOverlapError
 from kasmina.kd.holds import is_teacher_parameter
 from kasmina.kd.teacher import CheckpointedTeacher
@@ -25,12 +29,15 @@ from kasmina.utils.keyring import Keyring
 from kasmina.utils.telemetry import MemorySink, TelemetryReporter
 from tests.manager.helpers import (
     SEED0,
+    SEED1,
     Host,
     Rig,
     S,
+    assert_same,
     make_config,
     record_activations,
     run_command,
+    snapshot_state,
 )
 
 
@@ -519,3 +526,68 @@ def test_a_manager_loads_the_model_it_holds_in_place_again(
     assert all(map(is_teacher_parameter, model.parameters()))  # the old one closed, not these
     rig.manager.close()
     assert not any(map(is_teacher_parameter, model.parameters()))
+
+
+def _grown(rig: Rig, mlp: str, aff: str, teacher: torch.Tensor | None) -> Iterator[None]:
+    """A run that grafts, blends, culls, measures and rolls back, yielding between its parts."""
+    for sid, artifact in ((SEED0, mlp), (SEED1, aff)):
+        assert rig.send("germinate", sid, artifact)
+        yield
+    rig.train(1, teacher)
+    rig.manager.end_epoch(0)
+    yield
+    for steps in (1, 4):  # to COMPATIBILITY_CHECK, then GRAFTING (alpha 1 in four steps)
+        for sid in (SEED0, SEED1):
+            assert rig.send("advance", sid)
+            yield
+        rig.train(steps, teacher)
+    assert rig.send("cull", SEED1) and rig.send("advance", SEED0)  # blended in: STABILIZATION
+    yield
+    rig.manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=F.cross_entropy)
+    rig.manager.end_epoch(1)
+    rig.train(1, teacher)
+    yield
+    assert run_command(rig.manager, rig.signed(make_rollback_command(1)))
+    rig.train(1, teacher)
+
+
+def _trial(
+    tmp_path: Path, store: Path, keyring: Keyring, name: str, index: int
+) -> tuple[Rig, torch.Tensor | None]:
+    """Trial ``index`` of a sweep: its own data, learning rate and (trial 0) teacher."""
+    config = make_config(tmp_path / name, store, kd_enabled=index == 0)
+    rig = Rig(config, keyring, host_lr=0.05 * (index + 1))
+    generator = torch.Generator().manual_seed(10 + index)
+    rig.x, rig.y = torch.randn(16, 6, generator=generator), torch.randint(0, 4, (16,))
+    return rig, (torch.randn(16, 4, generator=generator) if index == 0 else None)
+
+
+def test_two_managers_each_train_bit_for_bit_as_alone(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, published, reference_backend: None
+) -> None:
+    """A sweep's two trials in one process, stepped in turn on one thread, then each on its own
+    thread (the reference ops: Triton's interpreter is not thread-safe): every weight,
+    optimizer state and table entry of each is bit for bit what it is run alone."""
+    alone = []
+    for index in range(2):
+        rig, teacher = _trial(tmp_path, store, keyring, f"alone{index}", index)
+        for _ in _grown(rig, mlp, published[2], teacher):
+            pass
+        alone.append(snapshot_state(rig))
+        rig.manager.close()
+    for how in ("alternating", "threads"):
+        trials = [_trial(tmp_path, store, keyring, f"{how}{index}", index) for index in range(2)]
+        runs = [_grown(rig, mlp, published[2], teacher) for rig, teacher in trials]
+        if how == "threads":
+            threads = [threading.Thread(target=collections.deque, args=(run, 0)) for run in runs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        else:
+            for _ in itertools.zip_longest(*runs):
+                pass
+        for (rig, _), before in zip(trials, alone, strict=True):
+            assert rig.stage(SEED0) == S.STABILIZATION, how
+            assert_same(snapshot_state(rig), before)
+            rig.manager.close()
