@@ -591,3 +591,30 @@ def test_two_managers_each_train_bit_for_bit_as_alone(
             assert rig.stage(SEED0) == S.STABILIZATION, how
             assert_same(snapshot_state(rig), before)
             rig.manager.close()
+
+
+def test_a_dropped_grown_manager_leaves_nothing_for_the_next(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str
+) -> None:
+    """A notebook builds a model and its manager, grows a seed with a teacher, drops both
+    unclosed and builds the next: the first manager, its model and teacher are collected, and
+    its fetch workers end."""
+    before = set(threading.enumerate())  # other tests' idle workers may still be alive
+    config = make_config(tmp_path / "first", store, kd_enabled=True)
+    rig = Rig(config, keyring)
+    teacher = rig.manager.load_teacher(Host())
+    assert rig.send("germinate", SEED0, mlp)  # fetched on a worker
+    rig.train(2, teacher=rig.manager.get_teacher_predictions(rig.x).float())
+    gone = [weakref.ref(o) for o in (rig.manager, rig.model, teacher, teacher.teacher)]
+    workers = set(threading.enumerate()) - before
+    assert any(thread.name.startswith("kasmina-fetch") for thread in workers)
+    del rig, teacher
+    gc.collect()
+    assert [ref() for ref in gone] == [None] * len(gone)
+    for thread in workers:
+        thread.join(timeout=10)
+        assert not thread.is_alive(), thread.name
+    nxt = Rig(make_config(tmp_path / "next", store), keyring)
+    assert nxt.send("germinate", SEED0, mlp)
+    nxt.train(1)
+    nxt.manager.close()
