@@ -117,11 +117,11 @@ def in_kd_backward() -> bool:
     ``manager.backward`` takes them, so the seeds' graphs it reaches stay for the host's even
     where it keeps no graph of its own (``seeds.island``). The KD loss's node runs before any
     node below it, so it is marked by the time a seed's graph asks."""
-    task = graph_task()
-    if task == -1:
+    if not _kd_tasks:  # no KD loss ran a backward yet (a run without KD: every step)
         return False
+    task = graph_task()
     with _kd_tasks_lock:
-        return task in _kd_tasks
+        return task != -1 and task in _kd_tasks
 
 
 def _kd_task_begins(_grad_outputs: Any) -> None:

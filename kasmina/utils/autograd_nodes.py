@@ -135,19 +135,22 @@ def backward_beside_ddp(
         torch.autograd.backward(list(outputs), grad_outputs, retain_graph=retain_graph)
 
 
+# Private queries of the engine about the backward now running (None on a torch without them).
+_KEEP_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
 def graph_kept() -> bool:
     """Whether the backward now running keeps its graph (``retain_graph``, or ``create_graph``);
-    True outside a backward, or where torch does not say (a private query): nothing is freed
-    that a later backward might need."""
-    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if query is None else bool(query())
+    True outside a backward, or where torch does not say: nothing is freed that a later
+    backward might need."""
+    return True if _KEEP_GRAPH is None else bool(_KEEP_GRAPH())
 
 
 def graph_task() -> int:
     """The id of the backward (the engine's graph task) now running on this thread's behalf, or
     -1 outside one (or where torch does not say). Ids are unique in a process."""
-    query = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if query is None else int(query())
+    return -1 if _TASK_ID is None else int(_TASK_ID())
 
 
 def engine_grad(
