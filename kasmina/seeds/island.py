@@ -53,11 +53,11 @@ _STALE_MESSAGE = (
     "gradient from that graph is dropped, no fault charged [%d so far]: %s: %s"
 )
 
-# Backwards through seeds' graphs an earlier backward that kept no graph had freed.
-_FREED_GRAPHS = itertools.count(1)
+# PyTorch's own words for a backward through a graph an earlier one freed.
 _FREED_MESSAGE = (
-    "a backward ran through seeds' graphs that an earlier backward freed (it kept no graph: "
-    "retain_graph=True keeps them); their gradient from it is dropped, no fault charged [%d so far]"
+    "Trying to backward through the graph a second time: seeds' graphs were freed by an "
+    "earlier backward that kept no graph. Specify retain_graph=True if you need to backward "
+    "through the graph a second time."
 )
 
 __all__ = [
@@ -134,17 +134,15 @@ class _Island:
         tensors of the nodes it runs: held here, they (and the slot's input they read) lived for
         as long as the caller held the loss, through the next step's forward at least. Not a KD
         loss's backward (``in_kd_backward``), whose seed-only part precedes the host's through
-        them. A backward through freed graphs gives the seeds nothing, logged, as a stale one."""
+        them. A backward through freed graphs raises PyTorch's error, as it would through the
+        kernels' own nodes (a KD loss's after the host's: its KD phase counts the failure)."""
         if not self.outputs:
-            n = next(_FREED_GRAPHS)
-            logger.log(rarely(n, 1000), _FREED_MESSAGE, n)
-            got: list[torch.Tensor | None] = [None] * len(self.params)
-        else:
-            _lose_to_the_host(self.seeds, grads, whole)
-            with hooks_set_aside(p._backward_hooks for p in self.params):
-                got = self._backward(grads)
-            if not (torch.compiler.is_compiling() or graph_kept() or in_kd_backward()):
-                self.outputs = []  # the only reference to the kernels' graphs
+            raise RuntimeError(_FREED_MESSAGE)
+        _lose_to_the_host(self.seeds, grads, whole)
+        with hooks_set_aside(p._backward_hooks for p in self.params):
+            got = self._backward(grads)
+        if not (torch.compiler.is_compiling() or graph_kept() or in_kd_backward()):
+            self.outputs = []  # the only reference to the kernels' graphs
         for grad in got:
             if grad is None:  # (a fault, a stale graph, an unused parameter)
                 contain_hooks_given_none(self.params, got)

@@ -141,10 +141,11 @@ _TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def graph_kept() -> bool:
-    """Whether the backward now running keeps its graph (``retain_graph``, or ``create_graph``);
-    True outside a backward, or where torch does not say: nothing is freed that a later
-    backward might need."""
-    return True if _KEEP_GRAPH is None else bool(_KEEP_GRAPH())
+    """Whether the backward now running keeps its graph: ``retain_graph``, or ``create_graph``
+    (grad mode is on inside a backward only then: the gradient's own graph runs back through
+    the nodes, even where ``retain_graph=False`` was given beside it); True outside a backward,
+    or where torch does not say: nothing is freed that a later backward might need."""
+    return _KEEP_GRAPH is None or bool(_KEEP_GRAPH()) or torch.is_grad_enabled()
 
 
 def graph_task() -> int:
