@@ -1,5 +1,5 @@
-"""An ACTIVE seed's gradient cut under ``torch.compile``, and the fault it records
-(docs/design.md §6a, "Under compilation").
+"""An ACTIVE seed's gradient cut under ``torch.compile``, and the fault it records; an isolated
+seed's lost step to a non-finite gradient from above (docs/design.md §6a, "Under compilation").
 
 Eager mode cuts the gradient an ACTIVE kernel sends into the host with a tensor hook, only where
 its output was not finite (``faults.cut_nonfinite_gradient``). A hook on an intermediate tensor
@@ -22,15 +22,36 @@ overflow, a ``GradScaler``'s scale still too high). The gradient into the output
 the backward of :func:`seen_output`, the identity the kernel's output goes through, which sends
 its finiteness back to the cut as the gradient of a token the cut made: the two backward nodes
 are linked by autograd's own edges, with no buffer written between them.
+
+Before ACTIVE a compiled seed has no guarded island (``island``, eager only), so a non-finite
+gradient from above its output (a NaN target, an overflowed loss: the host's) reached its
+weights and its next outputs were charged. Its output goes through :func:`from_above_tested`,
+whose backward sets the seed's ``cut_flag`` where that gradient is not finite (the forward never
+writes it: a flag the forward wrote too, ``finite_flag``, was written back by AOTAutograd's
+backward from its value after the forward, over any later write, and a slot's, a view of its
+flags that a second backward found saved and modified). The step reads it with the seed's
+other flags and, in an isolated training stage (ISOLATED_INIT, GRAFTING, STABILIZATION), takes it
+as a lost step, no fault charged, as the island's backward has it (:func:`settled_flags`;
+``island._lose_to_the_host``); in any other stage the flag keeps its meaning, the cut's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
-__all__ = ["CUT_REASON", "cut_input", "seen_output"]
+from kasmina.stages import ISOLATED_TRAINING_STAGES, SeedStage
+
+__all__ = [
+    "CUT_REASON",
+    "Staged",
+    "cut_input",
+    "from_above_tested",
+    "seen_output",
+    "settled_flags",
+]
 
 # The reason a seed whose compiled cut zeroed its own non-finite input gradient is charged.
 CUT_REASON = "non-finite input gradient from its backward, zeroed (compiled)"
@@ -51,6 +72,33 @@ def seen_output(out: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     whether the gradient into it was finite."""
     seen: torch.Tensor = _GradientSeen.apply(out, token)
     return seen
+
+
+def from_above_tested(out: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """``out`` (an isolated kernel's output), whose backward sets ``flag`` (0-d bool: the seed's
+    ``cut_flag``, a forward input mutated in the backward, no host read) where the gradient into
+    it was not finite. The gradient itself passes unchanged: the step drops it."""
+    tested: torch.Tensor = _FromAboveTested.apply(out, flag)
+    return tested
+
+
+class Staged(Protocol):
+    """A seed, or its manager's record: what :func:`settled_flags` reads of it."""
+
+    @property
+    def stage(self) -> SeedStage: ...
+
+
+def settled_flags(flags: Sequence[bool], seed: Staged) -> list[bool]:
+    """A seed's ``SEED_FLAGS`` as read, ``[finite, faulted, cut]``, as its step acts on them.
+    In an isolated training stage ``cut`` was set by :func:`from_above_tested`: a gradient from
+    above that was not finite, the host's, which loses the step (``finite`` False) and is no
+    cut, so no fault. In any other stage the flags stand as read (ACTIVE: the cut's). The
+    seed's stage is read only for a set ``cut`` (a step settles every running seed's flags)."""
+    finite, faulted, cut = flags
+    if cut and seed.stage in ISOLATED_TRAINING_STAGES:
+        return [False, faulted, False]
+    return [finite, faulted, cut]
 
 
 def _sum_finite(t: torch.Tensor) -> torch.Tensor:
@@ -114,3 +162,25 @@ class _GradientSeen(torch.autograd.Function):
         ctx: Any, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return grad, _sum_finite(grad).to(torch.float32)
+
+
+class _FromAboveTested(torch.autograd.Function):
+    """The identity on an isolated kernel's output; its backward sets the seed's ``cut_flag``
+    where the gradient into the output is not finite."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(out: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return out.view_as(out)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        """The flag, kept as it is, not saved: each backward through a retained graph writes it
+        (``_FiniteGradient.setup_context``)."""
+        ctx.flag = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        ctx.flag.logical_or_(_sum_finite(grad).logical_not())
+        return grad, None

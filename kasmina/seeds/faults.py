@@ -32,7 +32,7 @@ from kasmina.ops.transforms import (
     reduced_to_level_of,
     transform_wrapped,
 )
-from kasmina.seeds.compiled_cut import CUT_REASON, cut_input, seen_output
+from kasmina.seeds.compiled_cut import CUT_REASON, cut_input, from_above_tested, seen_output
 from kasmina.seeds.side_effects import (
     FLOATING_BUFFERS,
     buffers_held,
@@ -435,27 +435,25 @@ def call_kernel(
     active: bool,
     record: FaultRecorder,
     stream: tuple[str, int | None] = ("", None),
-    fault: torch.Tensor | None = None,
+    flag: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The host half of a seed's guard: ``(kernel output, kernel input)``, or None after a
-    fault found on the host (given to ``record``). Nothing here reads the device, but under
-    anomaly mode (``anomaly_fault``).
+    fault found on the host (given to ``record``); no device read here but ``anomaly_fault``'s.
 
-    Before ACTIVE the kernel sees ``x.detach()``; an ACTIVE (fossilized) seed backpropagates
-    into the host, so it sees an alias of ``x``, on which a hook can cut the gradient a
-    non-finite output would send upstream (compiled: ``compiled_cut.cut_input``'s alias, whose
-    cut of a non-finite input gradient the kernel's own backward made sets ``fault``, the
-    seed's ``cut_flag``, where given). Before ACTIVE a kernel that draws random numbers
-    (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw
-    what they would without the seed, and on a stream of its own there (``own_stream``:
-    ``stream`` is the seed's id and position); not under ``torch.compile``, which cannot trace
-    the fork.
-    """
+    Before ACTIVE the kernel sees ``x.detach()``; an ACTIVE (fossilized) seed backpropagates into
+    the host, so it sees an alias of ``x``, on which a hook cuts the gradient a non-finite output
+    would send upstream. Compiled, ``flag`` is the seed's ``cut_flag``, which its backward sets
+    (``compiled_cut``): ACTIVE, ``cut_input``'s alias, for a cut its kernel's own backward made; in
+    an isolated training stage, ``from_above_tested``, where the gradient from above is not finite
+    (the step loses it). Before ACTIVE a kernel that draws random numbers
+    (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw what
+    they would without the seed, and on a stream of its own there (``own_stream``: ``stream`` is the
+    seed's id and position); not under ``torch.compile``, which cannot trace the fork."""
     token = None
     if not active:
         xin = x.detach()
     elif x.requires_grad and torch.compiler.is_compiling():
-        flag = None if functorch_active() else fault  # a transform writes nothing outside it
+        flag = None if functorch_active() else flag  # a transform writes nothing outside it
         xin, token = cut_input(x, flag)
         token = None if flag is None else token
     else:
@@ -498,6 +496,8 @@ def call_kernel(
         if not recomputing():
             record(*found)
         return None
+    if not active and flag is not None and out.requires_grad and not functorch_active():
+        out = from_above_tested(out, flag)
     return (out if token is None else seen_output(out, token)), xin
 
 

@@ -34,7 +34,7 @@ from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_students, sum_kd_losses
 from kasmina.ops.alpha_blend import seed_blend
 from kasmina.seeds.charging import charge, charge_or_defer, loses_step
-from kasmina.seeds.compiled_cut import CUT_REASON
+from kasmina.seeds.compiled_cut import CUT_REASON, settled_flags
 from kasmina.seeds.constants import SEED_FLAGS, add_missing_flag, keep_constants, reset_flags
 from kasmina.seeds.extra_state import (
     SavedSeedState,
@@ -270,11 +270,12 @@ class GradientIsolatedSeed(nn.Module):
         charge_cut: bool = True,
     ) -> bool:  # fmt: skip
         """Act on the flags (read in one transfer): True when a forward with grad since the last
-        read fell back to the host output; its gradients since then are dropped (``grad = None``:
-        the step skips it) unless ranks averaged them (``drop_gradient=False``, NaN taken as 0).
-        One fault however many fell back; none when each one's input was the host's NaN. ``cut``:
-        a compiled ACTIVE backward zeroed a non-finite input gradient of its kernel's: a fault
-        (``charge_cut`` False: its flag is kept until ``SlotRegistry.charge_failed_steps``)."""
+        read fell back to the host output, or met a non-finite gradient from above (``cut`` while
+        isolated: ``settled_flags``); its gradients since then are dropped unless ranks averaged
+        them (``drop_gradient=False``, NaN as 0). One fault however many fell back; none when each
+        one's input was the host's NaN. Any other ``cut`` (an ACTIVE compiled cut of its kernel's
+        own non-finite input gradient): a fault (``charge_cut`` False: ``charge_failed_steps``)."""
+        finite, faulted, cut = settled_flags((finite, faulted, cut), self)
         if finite and not faulted and (not cut or not charge_cut):  # a cut alone: kept
             return False
         if not finite and drop_gradient and self.kernel is not None:
@@ -504,8 +505,7 @@ class GradientIsolatedSeed(nn.Module):
         kernel = self._modules["kernel"]
         assert kernel is not None
         active, record = stage == SeedStage.ACTIVE, self.record_fault
-        # Compiled, the stream is not forked (nor read: its int would recompile every step).
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # no stream forked (nor read: a recompile a step)
             return call_kernel(kernel, x, active, record, (self.seed_id, None), self.cut_flag)
         # A manager's position (GERMINATE sets it), else one an unowned load or copy kept.
         position = self.draw_step  # (``_loaded_draws`` is absent from older pickles)

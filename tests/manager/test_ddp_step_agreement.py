@@ -334,11 +334,27 @@ def test_a_leak_found_on_one_rank_skips_the_host_step_on_every_rank(
     assert [run["grads"].get("peer_leaks", 0) for run in runs] == [0, 1]
 
 
+def _to_active(t: Trainer) -> None:
+    """SEED0, GERMINATEd, ADVANCEd through G2..G5 (each command received on rank 0), an epoch
+    of training before each gate, as ``test_ddp_lifecycle`` walks it."""
+    for steps, stage in ((2, S.COMPATIBILITY_CHECK), (2, S.GRAFTING), (4, S.STABILIZATION)):
+        t.epoch_with({0: [_signed(t.rig, "advance", SEED0)]}, steps=steps)
+        assert t.manager.stages()[SEED0] == stage
+    with torch.no_grad():  # G5's evidence, measured alike on every rank
+        held_out = [(t.rig.x, t.teacher(t.rig.x).argmax(-1))]
+    measured = t.manager.evaluate_seeds(held_out, loss_fn=torch.nn.functional.cross_entropy)
+    assert measured[SEED0].score >= 0.5, measured
+    t.epoch_with({0: [_signed(t.rig, "advance", SEED0)]})
+    assert t.manager.stages()[SEED0] == S.ACTIVE
+
+
 def _worker_cut(rank: int, world: int, spec: dict[str, Any]) -> None:
-    """Rank 0's seed cut flag set in one step's backward (as a compiled ACTIVE kernel's cut of
-    its own non-finite input gradient sets it: ``compiled_cut``), rank 1's clean; clipped."""
+    """Rank 0's ACTIVE seed's cut flag set in one step's backward (as a compiled ACTIVE kernel's
+    cut of its own non-finite input gradient sets it: ``compiled_cut``; an isolated seed's flag
+    is a lost step), rank 1's clean; clipped."""
     t = Trainer(rank, world, spec)
     t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    _to_active(t)
     seed = t.manager.seed(SEED0)
 
     def cut(_grad: torch.Tensor) -> None:  # written in the backward, read at the step
@@ -367,6 +383,54 @@ def test_a_compiled_cut_on_one_rank_is_charged_on_every_rank(tmp_path: Path, pub
     assert [run["faults"] for run in runs] == [1, 1]
     assert [run["log"] for run in runs] == [[CUT_REASON]] * 2
     assert [run["cut"] for run in runs] == [False, False]  # settled at the step
+    assert [run["grads"]["flags_agreed"] for run in runs] == [1, 1]
+    _assert_equal_states(runs)
+
+
+def _worker_from_above(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """Rank 0's isolated seed met a non-finite gradient from above in one step's backward (a NaN
+    target in rank 0's shard): its weights' gradient is NaN and, compiled, its cut flag is set
+    (``compiled_cut.from_above_tested``); rank 1's clean; unclipped."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    seed = t.manager.seed(SEED0)
+    before = [p.detach().clone() for p in seed.seed_parameters()]
+
+    def from_above(grad: torch.Tensor) -> torch.Tensor:  # written in the backward
+        seed.cut_flag.fill_(True)
+        return grad * float("nan")
+
+    handle = seed.seed_parameters()[0].register_hook(from_above) if rank == 0 else None
+    t.train(1)
+    if handle is not None:
+        handle.remove()
+    after = seed.seed_parameters()
+    t.save(
+        spec["out"],
+        "from_above",
+        faults=seed.faults,
+        events=seed.nonfinite_events,
+        cut=bool(seed.cut_flag),
+        finite=all(bool(p.isfinite().all()) for p in after),
+        moved=all(not torch.equal(p, q) for p, q in zip(after, before, strict=True)),
+    )
+    t.manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_compiled_loss_from_above_on_one_rank_loses_that_ranks_gradient_on_every_rank(
+    tmp_path: Path, published
+) -> None:
+    """An isolated seed's compiled flag for a non-finite gradient from above on rank 0 only is a
+    lost step there, settled before the agreement as eager's is: rank 0 sends none of the seed's
+    gradient, every rank steps it on the same finite average and charges nothing. Settled after
+    it, rank 0's NaN went into the average, every rank's seed stepped to NaN, and each charged
+    a cut fault."""
+    runs = _two_gloo_ranks(_worker_from_above, tmp_path, published, "from_above")
+    assert [run["faults"] for run in runs] == [0, 0]
+    assert [run["events"] for run in runs] == [1, 1]  # agreed: settled alike
+    assert [run["cut"] for run in runs] == [False, False]  # settled at the step
+    assert all(run["finite"] and run["moved"] for run in runs)
     assert [run["grads"]["flags_agreed"] for run in runs] == [1, 1]
     _assert_equal_states(runs)
 

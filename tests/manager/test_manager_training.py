@@ -185,14 +185,21 @@ def test_nan_activations_of_a_diverging_host_charge_no_seed_while_clipping_skips
     assert all(torch.isfinite(p).all() for p in manager.seed(SEED0).seed_parameters())
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("clip", [0.0, 1.0], ids=["unclipped", "clipped"])
-def test_a_nan_target_after_a_stabilizing_seed_charges_it_nothing(rig: Rig, mlp, clip) -> None:
+def test_a_nan_target_after_a_stabilizing_seed_charges_it_nothing(
+    rig: Rig, mlp, clip, compiled: bool
+) -> None:
     """A NaN in the targets reaches the seed's output as a NaN gradient from above, the data's
     and not the seed's, while the host, which a STABILIZATION slot gives no gradient, stays
     finite. The seed loses those steps and is charged nothing. Unclipped, it stepped on the
     NaN, its output was then NaN on finite inputs, and three clean steps quarantined it;
-    clipped, its run of non-finite norms "with the host's finite" did."""
+    clipped, its run of non-finite norms "with the host's finite" did. Compiled too, where no
+    guarded island runs the seed's backward."""
     manager = rig.manager
+    if compiled:
+        torch._dynamo.reset()
+        rig.model = torch.compile(rig.model, backend="aot_eager")
     assert rig.send("germinate", SEED0, mlp)
     to_stabilization(rig, [SEED0])
     seed = manager.seed(SEED0)

@@ -110,18 +110,23 @@ def test_a_compiled_cut_is_charged_by_the_one_transfer(kd_rig: Rig, mlp, transfe
     """A seed's cut flag (set in a compiled ACTIVE backward that zeroed a non-finite input
     gradient of its kernel's own, ``compiled_cut``) is read with the step's other flags and
     charged there, once, after one more transfer (unclipped: whether the host's gradients are
-    finite, as no norms tell); its gradient is kept (its output was finite) and it steps."""
+    finite, as no norms tell); its gradient is kept (its output was finite) and it steps, with
+    the host's optimizer. (Only an ACTIVE seed has a cut: an isolated seed's flag is a gradient
+    from above that was not finite, a lost step: test_gradient_from_above.)"""
     rig, manager = kd_rig, kd_rig.manager
     assert rig.send("germinate", SEED0, mlp) and rig.send("germinate", SEED1, mlp)
+    walk_to_active(rig, [SEED0, SEED1])
     teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(6))
     rig.train(1, teacher=teacher)
     seed = manager.seed(SEED1)
+    before = [p.detach().clone() for p in seed.seed_parameters()]
     seed.cut_flag.fill_(True)  # as the compiled cut leaves it (test_compiled_faults)
     transfers.clear()
     report, reads = _step(rig, teacher)
     assert transfers == [6, 1] and reads == 0 and report["nonfinite"] == []
     assert seed.faults == 1 and list(seed.fault_log) == [CUT_REASON] and seed.nonfinite_events == 0
-    assert sorted(report["seeds_stepped"]) == [SEED0, SEED1] and not bool(seed.cut_flag)
+    assert report["host_stepped"] and not bool(seed.cut_flag)
+    assert all(not torch.equal(p, q) for p, q in zip(seed.seed_parameters(), before, strict=True))
     report, _ = _step(rig, teacher)
     assert seed.faults == 1 and manager.seed(SEED0).faults == 0  # settled: charged once
 
@@ -159,11 +164,13 @@ def test_a_compiled_cut_read_by_a_step_that_raises_is_charged_at_the_next(
     """The step reads a seed's cut flag at its poll and charges it after the optimizers
     stepped (``SlotRegistry.charge_failed_steps``): a step that raised in between (the host's
     optimizer, out of memory at its first step) had cleared the flag at the poll, and the cut
-    was never charged. The flag is kept until it is charged: the next step charges it, once."""
+    was never charged. The flag is kept until it is charged: the next step charges it, once.
+    (An ACTIVE seed's: an isolated seed's flag is a lost step, test_gradient_from_above.)"""
     from kasmina.isolation.optimizers import HOST_ID
 
     manager = rig.manager
     assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, [SEED0])
     rig.train(1)
     seed, host = manager.seed(SEED0), manager.optimizers.optimizer(HOST_ID)
     real = host.step
