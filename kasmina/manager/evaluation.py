@@ -59,7 +59,7 @@ from kasmina.seeds.faults import measuring
 from kasmina.seeds.gates import SeedEvaluation, count_flops
 from kasmina.seeds.side_effects import kept_buffers
 from kasmina.stages import CONTRIBUTING_STAGES, RUNS_KERNEL, SeedStage
-from kasmina.utils.modules import hooks_held, in_eval_mode
+from kasmina.utils.modules import eager_compiles, hooks_held, in_eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def _measuring(model: nn.Module, seeds: list[Any], cuda: list[int]) -> Iterator[
         # Eager: a compiled forward (``model.compile()``, a compiled ``forward``) would
         # keep running its cached graph without the ablation's hooks (TorchDynamo does not
         # guard on hooks added later), and measure the seed against itself.
-        torch.compiler.set_stance("force_eager"),
+        eager_compiles(),
     ):
         yield
 

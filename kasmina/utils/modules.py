@@ -1,10 +1,12 @@
 """A measurement's forwards, which leave the user's model and process as they were: in eval
 mode, every module's mode put back after (``in_eval_mode``); none of the modules' hooks run
-(``hooks_held``); the global RNG stream not moved (``rng_forked``)."""
+(``hooks_held``); the global RNG stream not moved (``rng_forked``); compiled code run eagerly
+(``eager_compiles``)."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,8 +14,9 @@ import torch
 from torch import nn
 
 from kasmina.utils.interrupts import interrupts_deferred
+from kasmina.utils.locks import fork_safe
 
-__all__ = ["hooks_held", "in_eval_mode", "rng_forked"]
+__all__ = ["eager_compiles", "hooks_held", "in_eval_mode", "rng_forked"]
 
 
 @contextmanager
@@ -73,3 +76,32 @@ def rng_forked(device: torch.device) -> contextlib.AbstractContextManager[None]:
     device's on a GPU): a measurement, or a seed before ACTIVE, draws without shifting the
     stream a seeded training run (the host's dropout) depends on."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+# The one "force_eager" stance every block of ``eager_compiles`` under way shares, and their count.
+_stance_lock = fork_safe(threading.Lock())
+_stance: list[contextlib.AbstractContextManager[None]] = []
+_stance_users = [0]
+
+
+@contextmanager
+def eager_compiles() -> Iterator[None]:
+    """Compiled code (``torch.compile``, ``model.compile()``) runs eagerly for the block:
+    ``torch.compiler.set_stance("force_eager")``, which is the process's, not the thread's.
+    Blocks on several threads at once share one: each ``set_stance`` keeps the stance it found
+    and puts it back on exit, so two interleaved (two managers measuring on two threads) left
+    the process in "force_eager", every compiled model after run eagerly. The first block in
+    sets it, the last out puts back the stance the first found."""
+    with _stance_lock:
+        if _stance_users[0] == 0:
+            stance = torch.compiler.set_stance("force_eager")  # keeps the stance before it
+            stance.__enter__()
+            _stance.append(stance)
+        _stance_users[0] += 1
+    try:
+        yield
+    finally:
+        with _stance_lock:
+            _stance_users[0] -= 1
+            if _stance_users[0] == 0:
+                _stance.pop().__exit__(None, None, None)

@@ -38,6 +38,7 @@ from tests.manager.helpers import (
     record_activations,
     run_command,
     snapshot_state,
+    to_stabilization,
 )
 
 
@@ -618,3 +619,47 @@ def test_a_dropped_grown_manager_leaves_nothing_for_the_next(
     assert nxt.send("germinate", SEED0, mlp)
     nxt.train(1)
     nxt.manager.close()
+
+
+def test_two_managers_measuring_at_once_leave_compiled_code_compiled(
+    tmp_path: Path, store: Path, keyring: Keyring, mlp: str, reference_backend: None
+) -> None:
+    """A measurement runs compiled code eagerly (``torch.compiler.set_stance``, the process's):
+    two managers' ``evaluate_seeds`` on two threads, the second in while the first ran and out
+    after it, left the process in "force_eager", and every compiled model after ran eagerly
+    (the rest of a test run's compiled tests found nothing compiled). The stance is back."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    rigs = [Rig(make_config(tmp_path / name, store), keyring) for name in "ab"]
+    for rig in rigs:
+        assert rig.send("germinate", SEED0, mlp)
+        to_stabilization(rig, [SEED0])
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def scored(entered: threading.Event, wait_for: threading.Event):
+        def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            entered.set()
+            assert wait_for.wait(60)
+            return F.cross_entropy(out, y)
+
+        return loss
+
+    def measure(rig: Rig, loss, done: threading.Event | None) -> None:
+        rig.manager.evaluate_seeds([(rig.x, rig.y)], loss_fn=loss)
+        if done is not None:
+            done.set()
+
+    before = eval_frame._stance.stance
+    first = threading.Thread(target=measure, args=(rigs[0], scored(first_in, second_in), first_out))
+    second = threading.Thread(target=measure, args=(rigs[1], scored(second_in, first_out), None))
+    first.start()
+    assert first_in.wait(60)
+    second.start()
+    for thread in (first, second):
+        thread.join(60)
+    assert first_out.is_set() and not second.is_alive()
+    after = eval_frame._stance.stance
+    torch.compiler.set_stance(before)  # (made, it sets it: the tests after compile whatever)
+    assert after == before == "default"
+    for rig in rigs:
+        rig.manager.close()
