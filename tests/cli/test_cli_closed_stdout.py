@@ -85,19 +85,26 @@ def test_a_replaced_stdout_that_breaks_exits_141(where, capsys, monkeypatch) -> 
     assert capsys.readouterr().err == ""
 
 
+def keygen_with_closed(cwd: Path, fd: int) -> subprocess.CompletedProcess[str]:
+    """``kasmina keygen --out commands.json`` in ``cwd``, started with file descriptor ``fd``
+    (1 or 2) closed; the other of the two captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "kasmina", "keygen", "--out", "commands.json"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if fd == 2 else None,
+        stderr=subprocess.PIPE if fd == 1 else None,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+        preexec_fn=lambda: os.close(fd),
+    )
+
+
 def test_a_command_started_without_stdout_exits_on_its_work(tmp_path) -> None:
     """A command started with file descriptor 1 closed (``>&-``: ``sys.stdout`` is None) ended
     in a traceback from main's flush, exit 1, though its key file was written."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "kasmina", "keygen", "--out", "commands.json"],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=120,
-        preexec_fn=lambda: os.close(1),
-    )
+    proc = keygen_with_closed(tmp_path, 1)
     assert (proc.returncode, proc.stderr) == (
         0,
         "wrote key 'default' to commands.json (1 key(s), mode 0600)\n",
@@ -110,16 +117,7 @@ def test_a_command_started_without_stderr_keeps_its_stdout_to_its_output(tmp_pat
     wrote to stdout: status lines and errors went into what a script captured as the output."""
 
     def keygen() -> tuple[int, str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "kasmina", "keygen", "--out", "commands.json"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            timeout=120,
-            preexec_fn=lambda: os.close(2),
-        )
+        proc = keygen_with_closed(tmp_path, 2)
         return proc.returncode, proc.stdout
 
     rc, out = keygen()
