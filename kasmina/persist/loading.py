@@ -290,30 +290,41 @@ def _table(
     return state_tensor, embargo
 
 
-_WRAPPED = "_orig_mod."  # a ``torch.compile`` wrapper's name for the module it compiled
+# The names a wrapper gives the module it wraps: ``torch.compile``'s, ``DistributedDataParallel``'s.
+_WRAPPERS = ("_orig_mod", "module")
 
 
 def _as_saved_through_the_module(body: Mapping[str, Any], model: nn.Module) -> Mapping[str, Any]:
-    """``body`` with the names an older Kasmina gave a compiled model's file made the module's.
+    """``body`` with the names an older Kasmina gave a wrapped model's file made the module's.
 
-    Saved from a ``torch.compile`` wrapper, such a file named every slot, seed slot and weight
-    under ``_orig_mod.``; files are now saved through the module itself (``uncompiled``), and
-    ``load`` looks names up in it. When every name carries the prefix and the model has no
-    module of that name, the prefix is dropped, so the file loads as a newer one would (into a
-    plain or a compiled model). Anything else is returned as it is, for the checks to judge."""
+    Saved from a ``torch.compile`` or ``DistributedDataParallel`` wrapper (``wrap_ddp``'s
+    result), such a file named every slot, seed slot and weight under ``_orig_mod.`` or
+    ``module.`` (``_orig_mod.module.`` for a compiled DDP); files are now saved through the
+    module itself (``uncompiled``), and ``load`` looks names up in it. While every name carries
+    one such prefix and the model has no module of that name, the prefix is dropped, so the
+    file loads as a newer one would (into a plain or a compiled model). Anything else is
+    returned as it is, for the checks to judge."""
     slots, seeds, weights = body.get("slots"), body.get("seeds"), body.get("weights")
     if (
-        "_orig_mod" in model._modules
-        or not isinstance(slots, list)
+        not isinstance(slots, list)
         or not isinstance(seeds, list)
         or not isinstance(weights, Mapping)
         or not all(isinstance(s, Mapping) for s in slots + seeds)
     ):
         return body
     names = [s.get("name") for s in slots] + [s.get("slot") for s in seeds] + list(weights)
-    if not slots or not all(isinstance(n, str) and n.startswith(_WRAPPED) for n in names):
+    if not slots or not all(isinstance(n, str) for n in names):
         return body
-    cut = len(_WRAPPED)
+    cut = 0
+    while True:
+        wrapper = next(
+            (w for w in _WRAPPERS if all(n.startswith(w + ".", cut) for n in names)), None
+        )
+        if wrapper is None or wrapper in model._modules:
+            break
+        cut += len(wrapper) + 1
+    if not cut:
+        return body
     return {
         **body,
         "slots": [{**s, "name": s["name"][cut:]} for s in slots],

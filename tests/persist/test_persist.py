@@ -110,6 +110,38 @@ def test_a_file_an_older_kasmina_saved_from_a_compiled_model_still_loads(
     assert _unchanged(fresh, before)
 
 
+def test_a_file_an_older_kasmina_saved_from_a_data_parallel_model_still_loads(
+    grown: Grown, saved: Path, tmp_path: Path
+) -> None:
+    """Before saves went through the module ``DistributedDataParallel`` wraps, a file saved
+    from ``wrap_ddp``'s result named every slot, seed slot and weight under ``module.`` (under
+    ``_orig_mod.module.`` from a compiled one), and a load now refuses a DDP wrapper: such a
+    file loaded into no model. It loads as the newer file does, the prefixes dropped; a model
+    that has a ``module`` of its own is looked up as it is."""
+    body = dict(read_saved(saved))
+    publishers = PUBLISHER.trusted_publishers()
+    reference = Host()
+    kasmina.load(saved, reference, publishers=publishers)
+    expected = reference.state_dict()
+    for prefix in ("module.", "_orig_mod.module."):
+        older = dict(body)
+        older["slots"] = [{**s, "name": prefix + s["name"]} for s in body["slots"]]
+        older["seeds"] = [{**s, "slot": prefix + s["slot"]} for s in body["seeds"]]
+        older["weights"] = {prefix + k: v for k, v in body["weights"].items()}
+        path = write_saved(tmp_path / "older.kasmina", older)
+        plain = Host()
+        slots = kasmina.load(path, torch.compile(plain), publishers=publishers)
+        assert [s.layer_id for s in slots] == ["out"]
+        assert [s.stage for s in _seeds(plain)] == [S.ACTIVE, S.GRAFTING]
+        loaded = plain.state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    outer = nn.Module()
+    outer.module = Host()  # its own "module": the file's names are its names
+    slots = kasmina.load(path, outer, publishers=publishers)
+    assert [s.layer_id for s in slots] == ["module.out"]
+
+
 def test_load_restores_a_grown_model_bitwise(grown: Grown, saved: Path) -> None:
     fresh = Host()
     slots = kasmina.load(saved, fresh, publishers=PUBLISHER.trusted_publishers())
