@@ -96,7 +96,8 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises ``SavedModelError`` for a file that is not a saved model, has another format
     version, is not a regular file, is truncated or extended (its size is compared with the
     header's before the body is read, so a forged size allocates nothing), or whose body does
-    not load; ``ArtifactIntegrityError`` when the body does not match its digest.
+    not load; ``ArtifactIntegrityError`` when the body does not match its digest. Running out
+    of memory while loading the body is no fault of the file: that error is raised as itself.
     """
     where = f"saved model {os.fspath(path)!r}"
     try:
@@ -133,6 +134,8 @@ def read_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SavedModelError(f"{where}: {_NOT_LOADED} ({problem})")
     try:
         body = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (torch.OutOfMemoryError, MemoryError):  # this machine's memory, not the file
+        raise
     except Exception as exc:  # any failure to unpickle plain data is a malformed body
         # Cut and quoted (escaped): the text may carry the crafted file's own strings.
         problem = f"{type(exc).__name__}: {clipped(str(exc), 300)!r}"

@@ -64,11 +64,13 @@ def load(
 
     Raises ``SavedModelError`` (an incompatible version, a malformed file, a host that does not
     match) or ``ArtifactIntegrityError`` (a damaged or tampered file, an unknown publisher,
-    a payload that does not match its manifest). ``model`` is unchanged when it raises: every
-    check runs before the first write. The writes (the host's weights, the slots put in place)
-    hold a Ctrl-C until they are done; an exception from the user's own load hooks on ``model``
-    during them is the one thing that can leave it partly loaded. Called inside
-    ``torch.inference_mode()``, it builds and writes outside it, so the model trains later.
+    a payload that does not match its manifest); running out of memory on the way (the file
+    sound) raises as itself (``torch.OutOfMemoryError``, ``MemoryError``). ``model`` is
+    unchanged when it raises: every check runs before the first write. The writes (the host's
+    weights, the slots put in place) hold a Ctrl-C until they are done; an exception from the
+    user's own load hooks on ``model`` during them is the one thing that can leave it partly
+    loaded. Called inside ``torch.inference_mode()``, it builds and writes outside it, so the
+    model trains later.
     """
     if not isinstance(publishers, TrustedPublishers):
         raise TypeError(
@@ -98,6 +100,8 @@ def load(
         with training_tensors():
             layers, host_state, kernels = _prepare(body, model, publishers)
     except (SavedModelError, ArtifactIntegrityError):
+        raise
+    except (torch.OutOfMemoryError, MemoryError):  # the device's or host's memory, not the file
         raise
     except Exception as exc:  # whatever else a malformed body provokes; nothing was changed
         raise SavedModelError(

@@ -19,6 +19,7 @@ from torch import nn
 
 import kasmina
 from kasmina.persist import format as fmt
+from kasmina.persist import loading
 from kasmina.persist.format import SavedModelError
 from kasmina.seeds.layer import KasminaLayer
 from tests.manager.helpers import PUBLISHER, Host
@@ -247,3 +248,27 @@ def test_load_refuses_a_crafted_file_leaving_the_model(saved: Path, name: str) -
     path = saved.parent / "crafted.kasmina"
     path.write_bytes(make(saved.read_bytes()))
     _refused(path, match)
+
+
+@pytest.mark.parametrize("where", ["body", "slots"])
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_running_out_of_memory_is_raised_as_itself_not_as_a_malformed_file(
+    saved: Path, monkeypatch: pytest.MonkeyPatch, where: str, error: type[BaseException]
+) -> None:
+    """A sound file met by a full device or host (reading its body, building the slots) is
+    not malformed: the memory error reaches the caller as itself, so that code freeing memory
+    and retrying on it does, and nobody deletes a good file; the model is unchanged."""
+
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise error("out of memory")
+
+    if where == "body":
+        monkeypatch.setattr(torch, "load", exhausted)
+    else:
+        monkeypatch.setattr(loading, "GPUStateTensor", exhausted)
+
+    def load(model: nn.Module) -> None:
+        with pytest.raises(error, match="out of memory"):
+            kasmina.load(saved, model, publishers=PUBLISHER.trusted_publishers())
+
+    _unchanged_after(load)
