@@ -55,6 +55,7 @@ from kasmina.isolation.stepping import (
     clip_gradients,
     follow_parameters,
     move_into,
+    settle_momentum,
     step_contained,
 )
 from kasmina.leyline import CommandType, MetricType
@@ -284,6 +285,7 @@ class IsolatedOptimizerManager:
         if "param_names" in target:  # a group built from named parameters names each one
             target["param_names"].extend(f"{seed_id}.{i}" for i in range(len(params)))
         host.optimizer.state.update(carried)
+        settle_momentum(host.optimizer, target)  # fused SGD takes no mix of buffers and none
         host.promoted.append(Promotion(seed_id, index, params))
         host.sizes[index] += len(params)
         self._ownership.transfer(seed_id, HOST_ID)

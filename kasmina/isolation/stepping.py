@@ -35,6 +35,17 @@ was into a group whose settings need state the seed's optimizer never made (Adam
 ``KeyError``. A state that does not fit is left behind and the parameter starts with none, as a
 parameter new to the group does; so does every one when the probe cannot run (a custom class).
 
+**Mixed momentum buffers.** torch's fused SGD step (``fused=True``, momentum > 0) takes a
+group's buffers all or none: where some of its parameters with gradients have a
+``momentum_buffer`` and others none (or None), every step raises. A promotion makes that state
+(a fresh host's group beside a seed's carried buffers, after INITIALIZE_HOST; a seed whose
+state was reset beside the host's), so ``settle_momentum`` settles the group it joins, there
+and only where the group is mixed (nothing on a step). With ``dampening == 0`` (torch's default, and
+Nesterov's only value) a buffer of zeros is exact: the fused update ``0 · momentum + grad``
+makes it ``grad``, what the unfused first step makes it. With dampening it would make it
+``(1 - dampening) · grad``, so the group steps unfused (torch's own mixed-buffer path) until
+each of its parameters has a buffer, then fused again (a one-shot step post hook).
+
 **Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
 state of another shape, whatever else) may have stepped part of its parameters (torch's
 optimizers go parameter by parameter), so its state is reset, the failure counted, logged at a
@@ -67,6 +78,7 @@ __all__ = [
     "follow_parameters",
     "grads_finite",
     "move_into",
+    "settle_momentum",
     "step_contained",
 ]
 
@@ -302,6 +314,33 @@ def carried_state(
         msg = "%d of %d tensors' optimizer states do not fit the host group they join: left behind"
         logger.info(msg, len(states) - len(carried), len(states))
     return carried
+
+
+def settle_momentum(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    """Make a fused SGD group with momentum, whose parameters some have a momentum buffer and
+    some not, step as unfused SGD would (see the module docstring); True when it was mixed."""
+    if not (isinstance(optimizer, torch.optim.SGD) and group.get("fused") and group["momentum"]):
+        return False
+    params, state = group["params"], optimizer.state
+    bare = [p for p in params if state.get(p, {}).get("momentum_buffer") is None]
+    if not bare or len(bare) == len(params):
+        return False
+    if group["dampening"] == 0:
+        for p in bare:
+            state[p]["momentum_buffer"] = torch.zeros_like(p.detach())
+        logger.info("fused SGD: %d tensors start their momentum at 0 beside others'", len(bare))
+        return True
+    group["fused"] = False
+
+    def fused_again(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if all(opt.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
+            group["fused"] = True
+            handle.remove()
+
+    handle = optimizer.register_step_post_hook(fused_again)
+    msg = "fused SGD with dampening: a group steps unfused until %d more tensors have momentum"
+    logger.info(msg, len(bare))
+    return True
 
 
 def _layout(state: Mapping[str, Any]) -> dict[str, tuple | None]:

@@ -506,3 +506,27 @@ def test_an_active_seed_skips_an_unclean_step_with_the_host(
     rig.train(1)  # a clean step trains it again
     assert not all(torch.equal(a, p) for a, p in zip(before, kernel, strict=True))
     manager.close()
+
+
+def test_initialize_host_after_active_under_fused_sgd_momentum_keeps_the_host_stepping(
+    tmp_path, store, keyring, mlp
+) -> None:
+    """Under ``attach(host_lr=None)`` with fused SGD and momentum, a seed gone ACTIVE stepped on
+    its own optimizer (momentum buffers); INITIALIZE_HOST then made the host's, whose parameters
+    had none beside the seed's carried ones, and torch's fused step raised at every ``step()``.
+    Now every parameter of the group steps, each with a buffer."""
+    options = {"optimizer_cls": torch.optim.SGD, "momentum": 0.9, "fused": True}
+    rig = Rig(make_config(tmp_path, store), keyring, host_lr=None, **options)
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    walk_to_active(rig, rig.train, 0)
+    command = make_optimizer_command("initialize_host", learning_rate=0.01)
+    assert run_command(manager, rig.signed(command))
+    host = manager.optimizers.optimizer("host")
+    assert host.param_groups[0]["fused"] and SEED0 in manager.optimizers.promoted()
+    step = manager.global_step
+    for _ in range(2):
+        assert rig.train(1)["host_stepped"]  # raised TypeError: expected Tensor, got NoneType
+    assert manager.global_step == step + 2
+    assert all("momentum_buffer" in host.state[p] for p in host.param_groups[0]["params"])
+    manager.close()
