@@ -43,7 +43,7 @@ from kasmina.urza.redaction import redact_urls
 from kasmina.urza.resilience import STORE_SETTINGS, check_store_settings
 from kasmina.utils.checks import check_int, check_positive
 from kasmina.utils.jsonl_sink import DEFAULT_JSONL_MAX_BYTES
-from kasmina.utils.keyring import Keyring, checked_keyring
+from kasmina.utils.keyring import Keyring, command_keyring
 from kasmina.utils.state_io import check_checkpoint_key
 
 __all__ = ["KasminaConfig", "default_cache_root"]
@@ -494,10 +494,12 @@ class KasminaConfig:
         return int(self.cache_size_mb * 1024 * 1024)
 
     def load_keyring(self) -> Keyring:
-        """The HMAC keyring from ``hmac_keys_file`` if set, else from ``hmac_keys_env``."""
+        """The HMAC keyring from ``hmac_keys_file`` if set, else from ``hmac_keys_env``; one
+        with no key is refused (``ValueError``), as a trainer with it refused every command."""
         if self.hmac_keys_file:
-            return Keyring.from_file(self.hmac_keys_file)
-        return Keyring.from_env(self.hmac_keys_env)
+            path = self.hmac_keys_file
+            return command_keyring(Keyring.from_file(path), f"keyring file {path}")
+        return command_keyring(Keyring.from_env(self.hmac_keys_env), f"${self.hmac_keys_env}")
 
     def store_settings(self) -> dict[str, Any]:
         """The Urza client's read settings under its own argument names (``urza_`` dropped)."""
@@ -576,7 +578,7 @@ def manager_inputs(config: object, keyring: object) -> tuple[KasminaConfig, Keyr
         )
     backend()
     dataclasses.replace(config)  # ``hold`` refused one set since only after the run's files
-    keyring = config.load_keyring() if keyring is None else checked_keyring(keyring)
+    keyring = config.load_keyring() if keyring is None else command_keyring(keyring)
     if shared := config.load_trusted_publishers().ids_holding(map(keyring.get, keyring.key_ids)):
         raise ValueError(
             f"publisher key(s) {shared} are command keys: the trusted publishers (a file of "

@@ -71,6 +71,19 @@ def checked_keyring(value: object) -> Keyring:
     return value
 
 
+def command_keyring(value: object, origin: str = "the keyring") -> Keyring:
+    """``checked_keyring(value)``, and not empty: a trainer's command keys. A keyring with no
+    key is a valid value (a file ``kasmina keygen --append`` adds to), but a trainer given one
+    refused every command as signed by an unknown key, with nothing said at startup."""
+    keyring = checked_keyring(value)
+    if not len(keyring):
+        raise ValueError(
+            f"{origin} holds no key: every command would be refused as signed by an unknown "
+            "key; add one ('kasmina keygen --out FILE --append', or KASMINA_HMAC_KEYS=id:hex)"
+        )
+    return keyring
+
+
 _HMAC_BLOCK = hashlib.sha256().block_size
 
 

@@ -440,6 +440,14 @@ def test_verifier_rejects_bad_freshness(keyring) -> None:
         CommandVerifier(keyring, freshness_s=0)
 
 
+def test_a_verifier_refuses_a_keyring_with_no_key() -> None:
+    """``Keyring({})`` (a JSON ``{}``) is a keyring, but a verifier over it refused every
+    command as signed by an unknown key, and nothing said so when it was built."""
+    assert len(Keyring({})) == 0  # a value still: a file keygen --append adds to
+    with pytest.raises(ValueError, match="the keyring holds no key: every command would be"):
+        CommandVerifier(Keyring({}))
+
+
 def test_nonce_ledger_stays_bounded_under_200k_commands(keyring, clock) -> None:
     """200,000 distinct valid commands, 1 ms apart, timestamps jittered within the window."""
     freshness_s, dt, count = 5.0, 1e-3, 200_000

@@ -12,6 +12,7 @@ import torch
 from kasmina.kd.config import KDConfig
 from kasmina.manager.config import _OPTIONAL_PATHS, KasminaConfig, default_cache_root
 from kasmina.manager.manager import KasminaKernelManager
+from kasmina.utils.keyring import Keyring
 
 
 def test_defaults_are_valid_and_stay_out_of_the_working_directory(monkeypatch, tmp_path) -> None:
@@ -186,6 +187,24 @@ def test_keyring_from_file_or_environment(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MY_KEYS")
     with pytest.raises(ValueError, match="MY_KEYS"):
         KasminaConfig(hmac_keys_env="MY_KEYS").load_keyring()
+
+
+def test_a_trainer_refuses_a_keyring_with_no_key(tmp_path, monkeypatch) -> None:
+    """A keyring file or $KASMINA_HMAC_KEYS holding ``{}``, or ``keyring=Keyring({})``, made a
+    trainer that refused every command (signed by an unknown key). Now each is refused where
+    the trainer takes it, naming where it came from, before the run makes a file."""
+    key_file = tmp_path / "keys.json"
+    key_file.write_text("{}")
+    key_file.chmod(0o600)
+    with pytest.raises(ValueError, match=f"keyring file {key_file} holds no key"):
+        KasminaConfig(hmac_keys_file=str(key_file)).load_keyring()
+    monkeypatch.setenv("MY_KEYS", "{}")
+    with pytest.raises(ValueError, match=r"\$MY_KEYS holds no key"):
+        KasminaConfig(hmac_keys_env="MY_KEYS").load_keyring()
+    config = KasminaConfig(urza_url=str(tmp_path / "urza"), runs_root=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="the keyring holds no key"):
+        KasminaKernelManager(config, keyring=Keyring({}))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_backward_guard_setting_reaches_every_seed(tmp_path) -> None:
