@@ -5,7 +5,8 @@ same bytes for the same fields and a reader accepts nothing a writer would not p
 manifests and checkpoint manifests share these two functions: ``canonical_json`` (sorted keys,
 no whitespace, ASCII only, no NaN) and ``strict_json_loads`` (duplicate keys and the non-standard
 constants ``NaN``/``Infinity`` are errors, since either would let two readers see different
-fields behind one signature).
+fields behind one signature; so is a number literal whose float is not finite, ``1e400``, which
+read as ``inf`` and could not be written back: ``canonical_json`` refuses it).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def canonical_json(fields: Mapping[str, Any]) -> bytes:
 
 
 def strict_json_loads(text: str, *, allow_nan: bool = False) -> Any:
-    """``json.loads`` that raises ``ValueError`` on a duplicate key, a NaN/Infinity (unless
-    ``allow_nan``: a document that is not signed and may hold a NaN score), or nesting deeper
-    than the interpreter's recursion limit (the parser recurses per level: 200 KB of ``[`` is
-    enough, and what reads a file from a store must refuse it, not crash)."""
-    constant = {} if allow_nan else {"parse_constant": _reject_constant}
+    """``json.loads`` that raises ``ValueError`` on a duplicate key, a NaN/Infinity or a number
+    past a float's range (``1e400``; unless ``allow_nan``: a document that is not signed and may
+    hold a NaN score), or nesting deeper than the interpreter's recursion limit (the parser
+    recurses per level: 200 KB of ``[`` is enough, and what reads a file from a store must
+    refuse it, not crash)."""
+    constant = {} if allow_nan else {"parse_constant": _reject_constant, "parse_float": _finite}
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, **constant)
     except RecursionError:
@@ -57,3 +59,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite number {name}")
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # an overflowing literal: the inf an Infinity would give
+        raise ValueError(f"non-finite number {literal:.40}")
+    return value
