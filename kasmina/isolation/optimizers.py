@@ -519,10 +519,15 @@ class IsolatedOptimizerManager:
         check_saved_state(self._entries, state, names)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore every optimizer's state (validated first; tensors copied, never aliased)."""
+        """Restore every optimizer's state (validated first; tensors copied, never aliased).
+        A fused SGD host group saved with buffers for some parameters only (written between a
+        promotion and the next step before promotions settled it) is settled here too."""
         state = upgrade_state_dict(state)
         self.validate_state_dict(state)
         load_saved_state(self._entries, state)
+        if (host := self._entries.get(HOST_ID)) is not None:
+            for group in host.optimizer.param_groups:
+                settle_momentum(host.optimizer, group)
 
     # ------------------------------------------------------------------ telemetry
     def _emit(self, name: str, value: float, labels: Mapping[str, str]) -> None:

@@ -40,11 +40,12 @@ group's buffers all or none: where some of its parameters with gradients have a
 ``momentum_buffer`` and others none (or None), every step raises. A promotion makes that state
 (a fresh host's group beside a seed's carried buffers, after INITIALIZE_HOST; a seed whose
 state was reset beside the host's), so ``settle_momentum`` settles the group it joins, there
-and only where the group is mixed (nothing on a step). With ``dampening == 0`` (torch's default, and
-Nesterov's only value) a buffer of zeros is exact: the fused update ``0 · momentum + grad``
-makes it ``grad``, what the unfused first step makes it. With dampening it would make it
-``(1 - dampening) · grad``, so the group steps unfused (torch's own mixed-buffer path) until
-each of its parameters has a buffer, then fused again (a one-shot step post hook).
+and at a load of the saved state, only where the group is mixed (nothing on a step). With
+``dampening == 0`` (torch's default, and Nesterov's only value) a buffer of zeros is exact: the
+fused update ``0 · momentum + grad`` makes it ``grad``, what the unfused first step makes it.
+With dampening it would make it ``(1 - dampening) · grad``, so the group steps unfused (torch's
+own mixed-buffer path) until each of its parameters has a buffer, then fused again (a one-shot
+step post hook).
 
 **Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
 state of another shape, whatever else) may have stepped part of its parameters (torch's

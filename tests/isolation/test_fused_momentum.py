@@ -94,3 +94,32 @@ def test_a_group_unmixed_is_left_as_it_was() -> None:
     opts.create_seed_optimizer("s", seed.parameters(), lr=0.1, momentum=0.9, fused=True)
     opts.promote_seed("s")
     assert not opts.optimizer("host").state
+
+
+def test_a_saved_state_with_mixed_buffers_loads_settled() -> None:
+    """A checkpoint written between such a promotion and the next step, before promotions
+    settled the group, held the mix: every step after a resume or a rollback raised."""
+    torch.manual_seed(0)
+    host, seed = nn.Linear(3, 3), nn.Linear(3, 3)
+    hp, sp = list(host.parameters()), list(seed.parameters())
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.initialize_host(hp, lr=0.1, momentum=0.9, fused=True)
+    opts.create_seed_optimizer("s", sp, lr=0.1, momentum=0.9, fused=True)
+    put(hp, grads(hp, 1))
+    opts.step("host")
+    opts.promote_seed("s")
+    saved = copy.deepcopy(opts.state_dict())
+    kept = saved["optimizers"]["host"]["state"]["state"]
+    for index in range(len(hp), len(hp) + len(sp)):  # the seed's: no buffer, as saved then
+        del kept[index]
+    resumed = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    resumed.initialize_host(hp, lr=0.1, momentum=0.9, fused=True)
+    resumed.create_seed_optimizer("s", sp, lr=0.1, momentum=0.9, fused=True)
+    resumed.promote_seed("s")
+    resumed.load_state_dict(saved)
+    gs = grads(hp + sp, 2)
+    put(hp + sp, gs)
+    before = [p.detach().clone() for p in sp]
+    assert resumed.step("host")  # raised TypeError
+    for p, b, g in zip(sp, before, gs[len(hp) :], strict=True):
+        torch.testing.assert_close(p, b - 0.1 * g)  # its first step: buffer = gradient
