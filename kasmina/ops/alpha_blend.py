@@ -16,7 +16,8 @@ shape, a bad ``mode`` or a bad ``alpha`` raise ``ValueError``.
 
 CUDA tensors run the Triton kernels of ``kasmina.kernels.alpha_blend``; CPU tensors run the
 torch reference below (see ``kasmina.ops.backend``). Under ``torch.compile`` the op is a
-``torch.library.custom_op`` (one opaque node, no graph break, forward and backward); eager calls
+``torch.library.custom_op`` (one opaque node, no graph break, forward and backward), which
+takes a float alpha as a 0-d tensor (a float changing between calls is no recompile); eager calls
 use an equivalent ``torch.autograd.Function``, which costs far less per call. On the CPU, eager
 calls that record no graph skip it, and most that do use lerp's own autograd (``_native_blend``).
 Range: the CPU path is ``torch.lerp``, which forms ``seed - host``; where that difference
@@ -495,6 +496,11 @@ def alpha_blend(
     _check(seed_out, host_out, alpha, mode)
     if isinstance(alpha, Tensor):
         alpha_t, alpha_value = alpha.contiguous(), 0.0
+    elif torch.compiler.is_compiling():
+        # A float that changes between calls (a ramp) is traced as an input: as a 0-d tensor,
+        # where the op's float argument guarded its value, a recompile each (then the limit).
+        one = torch.ones((), dtype=torch.float32, device=seed_out.device)
+        alpha_t, alpha_value = one.mul(alpha), 0.0  # (``scalar_tensor`` guards the value too)
     else:
         alpha_t, alpha_value = None, float(alpha)
     # blend detaches the host (no gradient): only the seed's or alpha's grad makes a node.

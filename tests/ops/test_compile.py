@@ -206,6 +206,40 @@ def test_compiled_blend_backward_takes_a_non_contiguous_gradient(
 
 
 @pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
+def test_a_compiled_blend_takes_a_changing_float_alpha_without_recompiling(
+    request: pytest.FixtureRequest, kernels: str
+) -> None:
+    """A float alpha ramped between calls (``step / warmup``) was guarded by value, as the
+    custom op's float argument: one recompile per step, and past TorchDynamo's
+    ``recompile_limit`` (8) a ``fullgraph`` compile raised. Now it is traced as an input: the
+    frame compiles twice (the first call specialises), and each value blends as in eager."""
+    request.getfixturevalue(kernels)
+    torch._dynamo.reset()
+    compiles: list[GraphModule] = []
+
+    def counting(gm: GraphModule, example_inputs: list) -> object:
+        compiles.append(gm)
+        return gm.forward
+
+    def step(seed: torch.Tensor, host: torch.Tensor, alpha: float) -> torch.Tensor:
+        return alpha_blend(seed, host, alpha)
+
+    compiled = torch.compile(step, fullgraph=True, backend=counting)
+    g = torch.Generator().manual_seed(5)
+    seed = torch.randn(3, 8, generator=g).bfloat16().requires_grad_()
+    host = torch.randn(3, 8, generator=g).bfloat16()
+    for alpha in (0.0, 0.1, 0.35, 0.6, 0.85, 1.0):
+        out = compiled(seed, host, alpha)
+        (got,) = torch.autograd.grad(out.float().square().sum(), seed)
+        want_out = alpha_blend(seed, host, alpha)
+        (want,) = torch.autograd.grad(want_out.float().square().sum(), seed)
+        torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert len(compiles) <= 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
 @pytest.mark.parametrize("where", ["FakeTensorMode", "meta"])
 def test_every_op_gives_shapes_on_fake_and_meta_tensors(
     request: pytest.FixtureRequest, kernels: str, where: str
