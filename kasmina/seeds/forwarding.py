@@ -3,8 +3,9 @@
 :class:`HostForwarding` is ``KasminaLayer``'s base: an attribute the slot does not define is read
 from its host, and what the host holds and the slot does not is assigned and deleted there, so
 code for the bare module (``fc.weight``, weight tying, a resize's ``out_features``,
-accelerate's ``remove_hook_from_module``) keeps working on the slot. A container host's (an
-``nn.Sequential``'s) children are replaced and deleted through the slot
+accelerate's ``remove_hook_from_module``) keeps working on the slot. The host's children are
+replaced and deleted through the slot, by name (``block.act = nn.GELU()``, ``del block.drop``)
+and a container host's (an ``nn.Sequential``'s) by index
 (``model.classifier[-1] = nn.Linear(...)``), ``len`` and ``in`` are the host's, and a slot is
 as true as its host; reading or iterating the children takes ``slot.host``. A reparametrization
 aimed at the slot (pruning, ``weight_norm``, ``spectral_norm``, a parametrization) is refused
@@ -130,6 +131,8 @@ def _owner(slot: nn.Module, name: str, value: Any = None) -> nn.Module | None:
         return None
     if name in state["_parameters"] or name in state["_buffers"] or name in state:
         return None
+    if name in state["_modules"]:  # the slot's own children (``host``, ``seeds``)
+        return None
     if hasattr(type(slot), name) and getattr(value, "__self__", None) is not host:
         return None
     return host
@@ -138,8 +141,8 @@ def _owner(slot: nn.Module, name: str, value: Any = None) -> nn.Module | None:
 class HostForwarding(nn.Module):
     """``__getattr__``, ``__setattr__``, ``__delattr__``, ``register_parameter`` and
     ``register_buffer`` of a module whose ``_modules["host"]`` it wraps; from
-    ``self.__dict__["_built"]`` on, the host's plain attributes are written and deleted there
-    too, and buffers registered there. Its ``_parameters`` is a ``SlotParameters``."""
+    ``self.__dict__["_built"]`` on, the host's plain attributes and children are written and
+    deleted there too, and buffers registered there. Its ``_parameters`` is a ``SlotParameters``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -174,6 +177,8 @@ class HostForwarding(nn.Module):
         host = _owner(self, name, value)
         if host is not None:
             setattr(host, name, value)
+            if name in host._modules:  # a child replaced (``block.act = nn.GELU()``)
+                self._host_changed()
             return
         if name in CONSTANTS and name in self.__dict__.get("_buffers", ()):  # a loader's tensor
             self.__dict__["_constants_stale"] = True  # (``constants.constants_replaced``)
@@ -197,7 +202,10 @@ class HostForwarding(nn.Module):
         # ``del slot.name`` raised (accelerate's ``remove_hook_from_module`` stopped half-way).
         host = _owner(self, name)
         if host is not None:
+            child = name in host._modules
             delattr(host, name)
+            if child:
+                self._host_changed()
             return
         super().__delattr__(name)
 

@@ -264,6 +264,27 @@ def test_a_slot_deletes_the_hosts_attributes_where_it_writes_them() -> None:
         del slot.note
 
 
+def test_a_slot_replaces_and_deletes_its_hosts_children_by_name() -> None:
+    """``slot.act = nn.Identity()`` (module-swapping code's ``setattr(parent, name, new)``)
+    registered a child of the slot: ``slot.act`` read the new module while the host's forward
+    kept calling the old one, and ``del slot.act`` raised AttributeError. Both are the host's
+    now, and the next forward records the output again."""
+    block = nn.Sequential()
+    block.fc, block.act = nn.Linear(4, 4), nn.ReLU()
+    model = nn.Sequential(block)
+    (slot,) = attach(model, ["0"], 2, 2)
+    x = torch.full((3, 4), -100.0)
+    model(x)
+    slot.act = nn.Identity()
+    assert slot.act is block.act and "act" not in slot._modules
+    assert slot.output_contract is None  # recorded again at the next call
+    assert torch.equal(model(x), block.fc(x))
+    del slot.act
+    assert not hasattr(block, "act") and not hasattr(slot, "act")
+    with pytest.raises(AttributeError):
+        del slot.act
+
+
 def test_a_slot_registers_buffers_on_its_host_as_the_bare_module_does() -> None:
     """``register_buffer`` was the slot's own: a name the host holds raised KeyError (the read
     forwarding made it an existing attribute), and a new buffer was one the host's forward
