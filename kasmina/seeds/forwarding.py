@@ -139,10 +139,11 @@ def _owner(slot: nn.Module, name: str, value: Any = None) -> nn.Module | None:
 
 
 class HostForwarding(nn.Module):
-    """``__getattr__``, ``__setattr__``, ``__delattr__``, ``register_parameter`` and
-    ``register_buffer`` of a module whose ``_modules["host"]`` it wraps; from
-    ``self.__dict__["_built"]`` on, the host's plain attributes and children are written and
-    deleted there too, and buffers registered there. Its ``_parameters`` is a ``SlotParameters``."""
+    """``__getattr__``, ``__setattr__``, ``__delattr__``, ``register_parameter``,
+    ``register_buffer`` and ``add_module`` of a module whose ``_modules["host"]`` it wraps; from
+    ``self.__dict__["_built"]`` on, the host's plain attributes (its class's too) and children
+    are written and deleted there too, and buffers registered there. Its ``_parameters`` is a
+    ``SlotParameters``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -232,6 +233,16 @@ class HostForwarding(nn.Module):
             host.register_buffer(name, tensor, persistent)
             return
         super().register_buffer(name, tensor, persistent)
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        # What the host holds (a child replaced) goes there, as ``setattr`` does; so does
+        # ``register_module``. A new name stays the slot's.
+        host = _owner(self, name)
+        if host is not None:
+            host.add_module(name, module)
+            self._host_changed()
+            return
+        super().add_module(name, module)
 
     # -- the host's container protocols (an nn.Sequential's), those that run no child: Python
     # looks them up on the type, never through ``__getattr__``. Each is the host's, its

@@ -514,13 +514,14 @@ def force_regular_path(module: nn.Module, on: bool) -> None:
 def host_holds(host: nn.Module | None, name: str, built: bool) -> bool:
     """Whether ``name`` is the host's own to assign (so a slot's ``__setattr__`` sets it there):
     a parameter or buffer, a parametrized tensor (its setter applies ``right_inverse``), or,
-    once the slot is ``built``, a child module or any other attribute of the host's. False
-    without a host."""
+    once the slot is ``built``, a child module or any other attribute of the host's, its
+    class's included (a class default its forward reads, a property's setter). False without
+    a host."""
     return host is not None and (
         name in host._parameters
         or name in host._buffers
         or parametrize.is_parametrized(host, name)
-        or (built and (name in vars(host) or name in host._modules))
+        or (built and (name in vars(host) or name in host._modules or hasattr(type(host), name)))
     )
 
 

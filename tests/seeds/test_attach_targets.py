@@ -283,6 +283,39 @@ def test_a_slot_replaces_and_deletes_its_hosts_children_by_name() -> None:
     assert not hasattr(block, "act") and not hasattr(slot, "act")
     with pytest.raises(AttributeError):
         del slot.act
+    model(x)
+    slot.register_module("fc", nn.Linear(4, 4))  # ``add_module``: replaced on the host too
+    assert slot.fc is block.fc and "fc" not in slot._modules and slot.output_contract is None
+
+
+class _Scaled(nn.Linear):
+    scale = 1.0  # a class default, which whoever tunes the layer sets on the instance
+
+    @property
+    def half_scale(self) -> float:
+        return self.scale / 2
+
+    @half_scale.setter
+    def half_scale(self, value: float) -> None:
+        self.scale = 2 * value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def test_a_slot_writes_what_its_host_reads_from_its_class_on_the_host() -> None:
+    """An attribute the host reads from its class (a class default, a property) was assigned on
+    the slot: ``slot.scale`` read the new value while the host's forward kept the class's."""
+    model = nn.Sequential(_Scaled(4, 4))
+    (slot,) = attach(model, ["0"], 2, 2)
+    host, x = slot.host, torch.randn(3, 4)
+    slot.scale = 0.0
+    assert host.scale == 0.0 and "scale" not in vars(slot)
+    assert torch.equal(model(x), torch.zeros(3, 4))
+    slot.half_scale = 1.0  # the host's setter runs
+    assert host.scale == 2.0 and slot.half_scale == 1.0 and "half_scale" not in vars(slot)
+    del slot.scale  # the instance's value goes, the class default is read again
+    assert slot.scale == 1.0 and "scale" not in vars(host)
 
 
 def test_a_slot_registers_buffers_on_its_host_as_the_bare_module_does() -> None:
