@@ -29,7 +29,7 @@ from kasmina.control.auth import CommandVerifier
 from kasmina.control.commands import KasminaCommand
 from kasmina.control.handler import LeylineAdaptationHandler
 from kasmina.control.ledger import LEDGER_FILE_NAME, NonceLedger
-from kasmina.leyline import AdaptationCommand
+from kasmina.leyline import AdaptationCommand, SeedOperation
 from kasmina.manager.config import KasminaConfig
 from kasmina.manager.executor import CommandExecution, CommandOutcome
 from kasmina.manager.pending import CommandQueue, PendingCommand, Ready
@@ -44,6 +44,10 @@ from kasmina.utils.ratelimit import rarely
 logger = logging.getLogger(__name__)
 
 __all__ = ["CommandIntake", "CommandRelay", "command_bytes", "command_verifier"]
+
+# Seed operations that release the seed's kernel (HARVESTING, TERMINATED): a forward's graph
+# still alive uses it.
+_RELEASING = (SeedOperation.SEED_OPERATION_CULL, SeedOperation.SEED_OPERATION_TERMINATE)
 
 # What takes the door's commands while the manager is one rank of a multi-rank run (a
 # ``DistributedCoordinator``'s ``submit``: verified there, held for the ranks' next sync).
@@ -394,12 +398,13 @@ class CommandIntake:
     def execute(self, command: KasminaCommand) -> bool:
         """Carry out a verified command at once, its nonce made durable first (safe point only).
         A closed manager raises ``RuntimeError`` before anything changes (``require_open``); a
-        model a slot was taken out of refuses it (``blocked``); anything but a ``KasminaCommand``
-        is a ``TypeError``, before anything changes."""
+        model a slot was taken out of refuses it (``blocked``), and so does a forward's graph
+        that may be alive (``_unsafe_now``); anything but a ``KasminaCommand`` is a
+        ``TypeError``, before anything changes."""
         if not isinstance(command, KasminaCommand):
             raise TypeError(f"execute takes a KasminaCommand, got {type(command).__name__}")
         self.execution.state.require_open()
-        blocked = self.blocked()
+        blocked = self.blocked() or self._unsafe_now(command)
         if self.relayed:  # carried out here alone, it would apply on this rank only
             blocked = (
                 "executed directly on one rank of a multi-rank run, where a command applies on "
@@ -422,6 +427,22 @@ class CommandIntake:
                 self.verifier.release_ids([(command.command_id, command.issued_at)])
             self.execution.state.require_open()
             return self.execution.execute(command)
+
+    def _unsafe_now(self, command: KasminaCommand) -> str:
+        """Why ``command`` cannot run now ("" when it can): a ROLLBACK rewrites weights, a CULL
+        or TERMINATE frees a kernel, that a forward's graph may still use (one recorded since
+        the last step's end; ``apply_pending`` holds every command then). Executed, the user's
+        backward raised, with the command applied. Other commands may run (an optimizer STEP
+        between the backward and ``step()``, on the step's gradients)."""
+        seed = command.seed if command.kind == "seed" else None
+        unsafe = command.kind == "rollback" or (seed is not None and seed.operation in _RELEASING)
+        if not unsafe or not self.execution.state.graph_open():
+            return ""
+        return (
+            f"a {command.kind} command executed after a forward that recorded a graph, before "
+            "the step's end: that graph may still use the weights or kernel it changes; "
+            "execute it after step() (handle_adaptation_command queues it until then)"
+        )
 
     def verify_auth(self, message: Any) -> bool:
         """Signature, freshness and nonce of a command (object or bytes), its nonce unused; bytes

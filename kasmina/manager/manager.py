@@ -389,7 +389,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
 
     def execute(self, command: KasminaCommand) -> bool:
         """``CommandExecutor``: carry out a verified command at once, at a safe point on the
-        training thread (a controller's go through ``handle_adaptation_command``, which queues)."""
+        training thread (one a forward's graph may still use is refused); the door queues."""
         return self.intake.execute(command)
 
     async def handle_leyline_command(self, command: AdaptationCommand) -> bool:

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import kasmina
 from kasmina.control.builders import make_rollback_command, make_seed_command
+from kasmina.control.commands import KasminaCommand, to_kasmina_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.utils.keyring import Keyring
 from kasmina.utils.state_io import clone_state
@@ -192,3 +193,33 @@ def test_checks_after_each_micro_batch_count_a_leaking_step_once(rig: Rig, mlp: 
         manager.check_gradient_isolation()
     manager.step()
     assert rig.stage(SEED0) == S.QUARANTINE and manager.guard.breaker_trips == 1
+
+
+@pytest.mark.parametrize("kind", ["cull", "rollback"])
+def test_a_command_executed_while_a_forwards_graph_is_open_is_refused(rig: Rig, mlp, kind):
+    """``manager.execute`` between a forward and its backward applied the command at once: a
+    CULL freed the kernel, a ROLLBACK rewrote the weights, that forward's graph still used, and
+    the user's backward raised. Refused, nothing changed, as ``apply_pending`` applies none
+    then (after the backward too); after the step it applies."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.end_epoch(0)
+    rig.train(1)
+    if kind == "cull":
+        command = to_kasmina_command(make_seed_command("cull", SEED0, "", {}))
+    else:
+        command = to_kasmina_command(make_rollback_command(0))
+    assert isinstance(command, KasminaCommand)
+    out = rig.model(rig.x)
+    before = clone_state(rig.model.state_dict())
+    assert not manager.execute(command)
+    assert "recorded a graph" in manager.command_log[-1][3]
+    assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
+    after = rig.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    manager.backward(F.cross_entropy(out, rig.y))
+    assert not manager.execute(command) and rig.stage(SEED0) == S.ISOLATED_INIT
+    assert manager.step()["seeds_stepped"] == [SEED0]
+    assert manager.execute(command)  # a safe point now
+    assert rig.stage(SEED0) == (S.COOLDOWN if kind == "cull" else S.ISOLATED_INIT)
