@@ -199,19 +199,19 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         state.optimizer_cls, state.seed_lr = optimizer_cls, float(seed_lr)
         state.optimizer_options = dict(optimizer_options)
         state.registry = registry
-        for record in registry:
-            record.seed.fault_limit = self.config.seed_fault_limit
-            record.seed.guard_backward = self.config.guard_seed_backward
         try:
             state.optimizers = state.new_optimizer_manager()
             if host_lr is not None:
                 params, cls = registry.host_params, optimizer_cls
                 state.optimizers.initialize_host(params, host_lr, cls, **optimizer_options)
         except BaseException:
-            registry.close(undone=True)  # nothing of it stays on the model
+            registry.close(undone=True)  # nothing of it stays on the model (seeds' settings too)
             state.registry = None
             state.optimizers = state.new_optimizer_manager()
             raise
+        for record in registry:
+            record.seed.fault_limit = self.config.seed_fault_limit
+            record.seed.guard_backward = self.config.guard_seed_backward
         return registry
 
     def require_registry(self) -> SlotRegistry:

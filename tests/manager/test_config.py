@@ -233,6 +233,36 @@ def test_the_backward_guard_setting_reaches_every_seed(tmp_path) -> None:
     manager.close()
 
 
+def test_a_register_refused_leaves_the_seeds_settings_as_they_were(tmp_path) -> None:
+    """``register`` gave the seeds the config's fault limit and backward guard before building
+    the host optimizer: one it refused (a frozen host) left the user's slots with its guard
+    off and its limit, though it managed nothing."""
+    import kasmina
+    from kasmina.urza.keys import PublisherKey
+    from kasmina.utils.keyring import Keyring, generate_key
+
+    config = KasminaConfig(
+        device="cpu",
+        urza_url=str(tmp_path / "urza"),
+        runs_root=str(tmp_path / "runs"),
+        seed_fault_limit=7,
+        guard_seed_backward=False,
+        urza_trusted_publishers=PublisherKey.generate("pub").trusted_publishers().to_json(),
+    )
+    manager = KasminaKernelManager(config, keyring=Keyring({"ctl": generate_key()}))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    seeds = list(kasmina.attach(model, "0", 2, 2)[0].seeds)
+    before = [(seed.fault_limit, seed.guard_backward) for seed in seeds]
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        manager.register(model)
+    assert manager.registry is None
+    assert [(seed.fault_limit, seed.guard_backward) for seed in seeds] == before
+    manager.register(model, host_lr=None)
+    assert all(s.fault_limit == 7 and not s.guard_backward for s in seeds)
+    manager.close()
+
+
 def test_an_attach_that_cannot_register_leaves_the_model_as_it_was(tmp_path) -> None:
     from torch import nn
 
