@@ -78,6 +78,11 @@ def _contributes(record: SeedRecord) -> bool:
 
 def _value(result: torch.Tensor | float) -> float:
     if isinstance(result, torch.Tensor):
+        if result.numel() != 1:  # a per-sample loss (reduction="none"): item() named neither
+            raise TypeError(
+                "loss_fn and metric_fn must return a batch mean (a tensor or a real number), got "
+                f"a tensor of shape {tuple(result.shape)}"
+            )
         return float(result.detach().float().item())
     # float() read the str "1.0" as 1.0; a NumPy scalar or 0-d array is a number
     if isinstance(result, (str, bytes, complex)) or not hasattr(result, "__float__"):

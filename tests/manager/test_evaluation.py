@@ -183,6 +183,19 @@ def test_a_loss_or_metric_that_is_no_number_is_refused(which: str, result: objec
     assert set(evaluate_seeds(registry, [(x, t)], F.mse_loss)) == {s.seed_id for s in slot.seeds}
 
 
+@pytest.mark.parametrize("which", ["loss_fn", "metric_fn"])
+def test_a_per_sample_loss_or_metric_is_refused_naming_it(which: str) -> None:
+    """A ``loss_fn`` with ``reduction="none"`` raised ``item()``'s "a Tensor with 4 elements
+    cannot be converted to Scalar", naming neither function nor what they must return."""
+    model, slot, registry = _tiny()
+    x, t = torch.randn(4, 3), torch.randn(4, 6)
+    per_sample = lambda o, t: F.mse_loss(o, t, reduction="none").mean(dim=1)  # noqa: E731
+    fns = {"loss_fn": F.mse_loss, "metric_fn": F.mse_loss, which: per_sample}
+    with pytest.raises(TypeError, match=r"must return a batch mean .* shape \(4,\)"):
+        evaluate_seeds(registry, [(x, t)], fns["loss_fn"], metric_fn=fns["metric_fn"])
+    assert all(seed.evaluation is None for seed in slot.seeds)
+
+
 def test_a_loss_or_metric_of_numpy_is_a_number() -> None:
     """A NumPy scalar or 0-d array (a metric computed with NumPy or scikit-learn) is a number."""
     import numpy as np
