@@ -92,9 +92,12 @@ def checked_clip_norm(value: object) -> float:
     NaN norm would silently turn both off: a ``ValueError``, as a bool, a string or a tensor."""
     if value is None:
         return 0.0
-    norm = float(check_real("grad_clip_norm", value))
+    try:
+        norm = float(check_real("grad_clip_norm", value))
+    except OverflowError:  # an int past a float's range (10**400): refused as a NaN is
+        norm = math.nan
     if not 0.0 <= norm <= math.inf:  # NaN fails both comparisons
-        raise ValueError(f"grad_clip_norm must be >= 0 (0: no clipping), got {value}")
+        raise ValueError(f"grad_clip_norm must be >= 0 (0: no clipping), got {value!r:.40}")
     return norm
 
 

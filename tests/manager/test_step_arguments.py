@@ -16,7 +16,8 @@ from kasmina.stages import SeedStage
 from kasmina.utils.keyring import Keyring
 from tests.manager.helpers import SEED0, Rig, host_params, make_config
 
-BAD_CLIP_NORMS = [-1.0, -1e-9, math.nan, -math.inf, "1", True, [1.0], torch.tensor(1.0)]
+# 10**400: an int past a float's range (its float() raised OverflowError out of the step)
+BAD_CLIP_NORMS = [-1.0, -1e-9, math.nan, -math.inf, "1", True, [1.0], torch.tensor(1.0), 10**400]
 
 
 def _backward(rig: Rig) -> None:
@@ -28,7 +29,7 @@ def _grads(rig: Rig) -> list[torch.Tensor]:
     return [p.grad.clone() for p in rig.manager.require_registry().host_params]
 
 
-@pytest.mark.parametrize("norm", BAD_CLIP_NORMS, ids=repr)
+@pytest.mark.parametrize("norm", BAD_CLIP_NORMS, ids=lambda v: f"{v!r:.12}")
 def test_a_bad_grad_clip_norm_is_refused_before_the_step_changes_anything(
     rig: Rig, norm: object
 ) -> None:
