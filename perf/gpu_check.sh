@@ -103,6 +103,7 @@ fi
     echo "# $(date -u) $("$PY" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())')"
     timeout --signal=INT 210 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/manager \
         tests/seeds/test_finite_checks.py tests/seeds/test_table_properties.py \
+        tests/seeds/test_attach_targets.py \
         -k "kd_loss or fused_linear_kd or cuda or never_syncs or on_the_triton_kernel" \
         -o addopts="-ra"
 } 2>&1 | tee "$TESTS_LOG"

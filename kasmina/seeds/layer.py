@@ -150,7 +150,8 @@ class KasminaLayer(HostForwarding):
         super().__init__()
         args = (host, num_seeds, chunk_size, chunk_dim, output_index, layer_id)
         chunk_dim = checked_chunk_dim(*args)
-        device = next((p.device for p in host.parameters()), torch.device("cpu"))
+        held = [t.device for t in (*host.parameters(), *host.buffers())]  # a GELU: the table's
+        device = held[0] if held else getattr(state, "device", torch.device("cpu"))
         state = GPUStateTensor(num_seeds, device) if state is None else state
         if state_offset < 0 or state_offset + num_seeds > state.num_seeds:
             raise ValueError(f"{layer_id}: seeds {state_offset}..+{num_seeds} outside the table")

@@ -585,6 +585,21 @@ def test_attach_under_a_meta_default_device_builds_real_seeds() -> None:
     assert torch.equal(model(x), slot.host(torch.relu(model.encoder(x))))
 
 
+def test_a_slot_on_a_host_with_buffers_only_puts_its_seeds_on_their_device() -> None:
+    """A host without parameters (a non-affine norm, a GELU) put the slot's seeds on the CPU
+    whatever device the model was on: a kernel germinated there met activations elsewhere. Now
+    the host's buffers' device, else the table's (``meta`` shows it without a GPU)."""
+    slot = KasminaLayer(nn.BatchNorm1d(8, affine=False).to("meta"), 2, 4)
+    assert {t.device.type for t in (*slot.seeds.buffers(), *slot.buffers())} == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_slot_on_a_host_without_parameters_follows_the_model_on_cuda() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)).cuda()
+    (slot,) = attach(model, ["1"], 2, 4)
+    assert {t.device.type for t in slot.buffers()} == {"cuda"} == {slot.state_table.device.type}
+
+
 def test_detach_only_takes_slots_and_refuses_names() -> None:
     """``only`` is matched against the slots themselves: a name (what ``attach`` takes), or
     anything else, matched nothing, and the slot stayed with no word. It is refused now; one
