@@ -9,7 +9,7 @@ the line before the block, invisible where the README is rendered, says what the
     <!-- readme-test: setup=NAME continues needs=cuda -->
 
 - ``setup=NAME``: run ``SETUPS[NAME]`` below first, in the block's namespace (the user's own
-  names: a model, a loader, the key files of the README's key setup); ``CHECKS[NAME]``, where
+  names: a model, a loader, a batch); ``CHECKS[NAME]``, where
   there is one, runs after the block and asserts what the block's comments promise.
 - ``continues``: the block goes on from the Python block before it: that one runs first (with
   its own marker), in the same namespace.
@@ -18,18 +18,22 @@ the line before the block, invisible where the README is rendered, says what the
 - ``needs=cuda``: the block is written for a CUDA device; without one it is skipped, saying so.
 
 A block without a marker must run as it stands. A ``print(...)  # TEXT`` line promises TEXT in
-the block's output, and the test holds it to that. The shell blocks are not run here: ``make
-demo``/``make test`` are the demo and this suite, and the key setup's ``kasmina keygen`` lines
-are what ``setup=keys`` runs (its ``kasmina urza publish`` lines export a kernel each, seconds of
-work no block here needs: the blocks' seeds stay DORMANT, and the store is opened empty).
+the block's output, and the test holds it to that. Every block finds the files of the README's
+key setup in its directory (``commands.json``, ``publishers.json``, ``publisher.key`` and the
+``./urza`` store): that shell block runs once per module, line by line through the CLI, as
+written. The other shell blocks are not run here: ``make demo``/``make test`` are the demo and
+this suite, and the ``torchrun`` lines start processes (the loop they run is the block above
+them, run here as one rank).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +75,7 @@ def _blocks() -> tuple[list[Block], str]:
         if headings:
             section = re.sub(r"\W+", "-", headings[-1]).strip("-").lower()
         lang, code = match.group(1), match.group(2)
-        if lang in ("sh", "bash") and "kasmina keygen" in code and not keygen:
+        if lang in ("sh", "bash") and code.startswith("kasmina keygen") and not keygen:
             keygen = code
         if lang != "python":
             continue
@@ -101,24 +105,38 @@ def _blocks() -> tuple[list[Block], str]:
 BLOCKS, KEYGEN = _blocks()
 
 
-def _keys() -> None:
-    """The README's key setup: its ``kasmina keygen`` lines, run through the CLI as written."""
+def _key_setup(directory: Path) -> list[str]:
+    """The README's key setup, its shell block run line by line through the CLI as written
+    (``kasmina ...``, a ``> FILE`` redirect of stdout) in ``directory``; the ids it published."""
     from kasmina.cli.main import main
 
-    for line in KEYGEN.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line.startswith("kasmina keygen"):
+    published: list[str] = []
+    for line in KEYGEN.replace("\\\n", " ").splitlines():
+        words = shlex.split(line.split("#", 1)[0])
+        if not words:
             continue
-        words = shlex.split(line)[1:]
-        out = io.StringIO()
+        assert words[0] == "kasmina", line
+        target = None
         if ">" in words:
             words, target = words[: words.index(">")], words[words.index(">") + 1]
-        else:
-            target = None
-        with contextlib.redirect_stdout(out):
-            assert main(words) == 0, line
+        out, here = io.StringIO(), os.getcwd()
+        os.chdir(directory)  # the README's relative paths (contextlib.chdir is Python 3.11+)
+        try:
+            with contextlib.redirect_stdout(out):
+                assert main(words[1:]) == 0, line
+        finally:
+            os.chdir(here)
         if target is not None:
-            Path(target).write_text(out.getvalue(), encoding="utf-8")
+            (directory / target).write_text(out.getvalue(), encoding="utf-8")
+        if words[1:3] == ["urza", "publish"]:
+            published.append(out.getvalue().strip())
+    return published
+
+
+@pytest.fixture(scope="module")
+def key_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    directory = tmp_path_factory.mktemp("key-setup")
+    return directory, _key_setup(directory)
 
 
 _MLP = """
@@ -142,11 +160,14 @@ loader = val_loader = shard_of_this_rank = [
 ]
 """
 
-# A signed command the loop hands the manager (a CULL of a DORMANT seed: refused, counted).
+# The signed command the loop hands the manager: a GERMINATE of fc2[0] on the key setup's first
+# artifact (exported on (8, 16): the slot's chunks are 16 wide), applied at a later step.
 _RAW_BYTES = """
 from kasmina import Keyring, make_seed_command, sign_command
 raw_bytes = sign_command(
-    make_seed_command("cull", "fc2[0]"), Keyring.from_file("commands.json"), "tamiyo"
+    make_seed_command("germinate", "fc2[0]", _published[0], {"learning_rate": 1e-3}),
+    Keyring.from_file("commands.json"),
+    "tamiyo",
 ).SerializeToString()
 """
 
@@ -158,8 +179,8 @@ llama = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=64, v
 """
 
 SETUPS: dict[str, str] = {
-    "keys": "from kasmina import KasminaConfig\n_keys()",
-    "loop": "_keys()\n" + _MLP + _RAW_BYTES,
+    "keys": "from kasmina import KasminaConfig",
+    "loop": _MLP + _RAW_BYTES,
     "two-losses": """
 x, y = loader[0]
 out = model(x)
@@ -205,7 +226,7 @@ class ResNet(nn.Module):  # resnet18's names and widths in its first two stages
 
 resnet = ResNet()
 """,
-    "mynet": "_keys()\n" + _MLP,
+    "mynet": _MLP,
     "serve": _MLP,  # the same host class, built again
     # torchrun's variables for one rank on this machine.
     "torchrun": _MLP
@@ -213,7 +234,6 @@ resnet = ResNet()
 for name, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=_free_port()).items():
     _setenv(name, str(value))
-_keys()
 """,
     "ops": """
 import torch
@@ -255,11 +275,13 @@ CHECKS: dict[str, str] = {
     "keys": "assert config.hmac_keys_file.endswith('commands.json')",
     "loop": """
 assert manager.system_state().global_step == epochs * len(loader)
-assert manager.require_registry().host_params
+manager.apply_pending(wait=True)  # where the kernel's fetch outlasted the loop's steps
+assert manager.seed("fc2[0]").stage.name == "ISOLATED_INIT"
 """,
     "grad-scaler": """
 assert [o.kind for o in report["commands"] if o.ok] == ["rollback"]
 assert scaler.get_scale() == 1024.0
+assert manager.seed("fc2[0]").stage.name == "DORMANT"  # as at epoch 0, before the GERMINATE
 """,
     "models": """
 assert llama(torch.randint(0, 128, (2, 5))).logits.shape == (2, 5, 128)
@@ -294,7 +316,9 @@ def _close(namespace: dict[str, Any]) -> None:
 
 def _run(block: Block, namespace: dict[str, Any], out: io.StringIO) -> None:
     if block.continues or block.follows:
-        earlier = namespace if block.continues else _namespace() | {"_setenv": namespace["_setenv"]}
+        earlier = namespace
+        if block.follows:
+            earlier = _namespace() | {k: namespace[k] for k in ("_setenv", "_published")}
         try:
             _run(BLOCKS[block.index - 1], earlier, io.StringIO())
         finally:
@@ -311,11 +335,11 @@ def _run(block: Block, namespace: dict[str, Any], out: io.StringIO) -> None:
 
 
 def _namespace() -> dict[str, Any]:
-    return {"__name__": "__readme__", "_keys": _keys, "_free_port": _free_port, "Path": Path}
+    return {"__name__": "__readme__", "_free_port": _free_port, "Path": Path}
 
 
 def test_every_python_block_is_found() -> None:
-    assert len(BLOCKS) >= 10 and KEYGEN
+    assert len(BLOCKS) >= 10 and "kasmina urza publish" in KEYGEN
     for block in BLOCKS:
         assert not (block.continues and block.follows), block.name
         assert block.index > 0 or not (block.continues or block.follows), block.name
@@ -325,13 +349,21 @@ def test_every_python_block_is_found() -> None:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
-def test_readme_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_block_runs(
+    block: Block,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    key_setup: tuple[Path, list[str]],
+) -> None:
     if block.needs_cuda and not torch.cuda.is_available():
         pytest.skip(f"README line {block.line} is written for a CUDA device (needs=cuda)")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KASMINA_HOME", str(tmp_path / "home"))
+    keys, published = key_setup
+    shutil.copytree(keys, tmp_path, dirs_exist_ok=True)  # the key setup's files, modes kept
     namespace, out = _namespace(), io.StringIO()
     namespace["_setenv"] = monkeypatch.setenv  # torchrun's variables, put back after the test
+    namespace["_published"] = published
     try:
         _run(block, namespace, out)
     finally:
