@@ -82,8 +82,9 @@ MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20
 # Store reads stream in chunks of this size (and are bounded to one chunk past their limit).
 READ_CHUNK_BYTES = 1 << 20
-# A local file URL whose host is ``localhost`` (the same file as with none), then its path.
-_LOCALHOST_FILE_URL = re.compile(r"(?i)(file|local)://localhost(?=/|\Z)")
+# A local file URL whose host is ``localhost`` (the same file as with none), and the slashes
+# after it: the whole URL's, or a chained one's last layer's (``simplecache::file://...``).
+_LOCALHOST_FILE_URL = re.compile(r"(?i)(?:^|(?<=::))(file|local)://localhost(?:/+|\Z)")
 _LOCAL_FILE_URL = re.compile(r"(?:file|local)://")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -110,10 +111,10 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     (``file:///x/a::b``: no layer can follow a local file), it is part of a name, and the path
     is taken whole (fsspec read ``/x/a::b`` and ``file:///x/a::b`` as ``/x/a``, and ``a::b`` as
     ``a:``: the store was written somewhere other than the directory named).
-    ``file://localhost/p`` is the local ``/p`` (RFC 8089), where fsspec read a directory
-    ``localhost/p`` under the working one."""
-    if (local := _LOCALHOST_FILE_URL.match(url)) is not None:
-        url = f"{local.group(1)}:///{url[local.end() :].lstrip('/')}"
+    ``file://localhost/p`` is the local ``/p`` (RFC 8089), also as a chain's layer
+    (``simplecache::file://localhost/p``), where fsspec read a directory ``localhost/p`` under
+    the working one."""
+    url = _LOCALHOST_FILE_URL.sub(lambda local: f"{local.group(1)}:///", url)
     head = url.split("::", 1)[0]
     file_url = _LOCAL_FILE_URL.match(url)
     if "::" in url and (

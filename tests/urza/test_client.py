@@ -183,6 +183,10 @@ def test_a_file_url_naming_localhost_is_that_local_path(
     assert not list(elsewhere.iterdir())
     assert client(url, trusted).fetch("art-1")[0] == b"payload-one"
     assert client(str(store), trusted).list_artifacts() == ["art-1"]
+    # As a chain's layer too (the client refuses a caching layer; a publish goes through it).
+    publish_payload(b"payload-two", f"simplecache::{url}", "blue", publisher, "art-2")
+    assert client(url, trusted).fetch("art-2")[0] == b"payload-two"
+    assert not list(elsewhere.iterdir())
 
 
 @pytest.mark.parametrize(
