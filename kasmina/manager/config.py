@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from kasmina.control.auth import MAX_FRESHNESS_S
 from kasmina.control.commands import MAX_EMBARGO_EPOCHS
@@ -36,7 +35,7 @@ from kasmina.manager.config_values import (
     publisher_keys,
 )
 from kasmina.ops.backend import backend
-from kasmina.urza.artifact import open_store
+from kasmina.urza.artifact import absolute_local_url
 from kasmina.urza.cache import DEFAULT_MAX_KERNELS
 from kasmina.urza.keys import TrustedPublishers
 from kasmina.urza.redaction import redact_urls
@@ -274,13 +273,7 @@ class KasminaConfig:
             self.urza_url = os.fspath(self.urza_url)
         if not isinstance(self.urza_url, str) or not self.urza_url:
             raise ValueError("urza_url must be a non-empty string")
-        if "://" not in self.urza_url and "::" not in self.urza_url:
-            # A local directory, made absolute as runs_root (as the client resolves it): left
-            # relative, a chdir between two clients (a resumed run, a second manager) read
-            # another directory's store.
-            fs, root = open_store(self.urza_url)
-            if isinstance(fs, LocalFileSystem):
-                self.urza_url = root or "/"
+        self.urza_url = absolute_local_url(self.urza_url)  # as runs_root
         for name, value in check_store_settings("urza_", **self.store_settings()).items():
             setattr(self, f"urza_{name}", value)
         self.urza_trusted_publishers = publisher_keys(self.urza_trusted_publishers)

@@ -47,6 +47,7 @@ __all__ = [
     "PAYLOAD_SUFFIX",
     "UNKNOWN_PUBLISHER_KEY",
     "open_store",
+    "absolute_local_url",
     "Manifest",
     "TensorSpec",
     "payload_sha256",
@@ -127,6 +128,21 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         return fs, fs._strip_protocol(url).rstrip("/")
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, root.rstrip("/")
+
+
+def absolute_local_url(url: str) -> str:
+    """``url`` with a local store's relative directory made absolute, as ``open_store`` reads it
+    now: a local path (``runs/a::b`` too), or a chain's last layer that is a plain path
+    (``simplecache::rel/dir``: fsspec reads it from the working directory). Kept relative, a
+    chdir between two clients (a resumed run, a second manager) read another directory's
+    store. Any other URL comes back as it is."""
+    if "://" in url:
+        return url
+    *layers, last = chain_layers(url)
+    if layers and layers[0] in fsspec.available_protocols():  # a chain: not opened here
+        return "::".join([*layers, make_path_posix(last)]) if last and ":" not in last else url
+    fs, root = open_store(url)
+    return (root or "/") if isinstance(fs, LocalFileSystem) else url
 
 
 def chain_layers(url: str) -> list[str]:

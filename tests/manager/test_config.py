@@ -495,6 +495,13 @@ def test_relative_state_paths_are_made_absolute_when_the_config_is_built(
         assert store.urza_url == str(tmp_path / "urza")
         assert KasminaConfig.from_dict(store.to_dict()).urza_url == str(tmp_path / "urza")
     assert KasminaConfig(urza_url="memory://s").urza_url == "memory://s"
+    # A relative path holding fsspec's ``::``: a directory's name, or a chain's last layer.
+    monkeypatch.chdir(tmp_path)
+    named, chained = (KasminaConfig(urza_url=url) for url in ("a::b", "simplecache::urza"))
+    monkeypatch.chdir("/")
+    assert named.urza_url == str(tmp_path / "a::b")
+    assert chained.urza_url == f"simplecache::{tmp_path / 'urza'}"
+    assert KasminaConfig(urza_url="simplecache::/abs").urza_url == "simplecache::/abs"
     for name, file in files.items():  # a key file read at the first checkpoint was made anew
         assert getattr(with_files, name) == str(tmp_path / file)
     assert with_files.checkpoint_key_path == tmp_path / "checkpoint_key_file.file"
