@@ -31,6 +31,7 @@ from kasmina.urza.artifact import validate_artifact_id
 from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.resilience import _Closed, _DeadlineExpired, check_deadline
+from kasmina.utils.checks import check_int
 from kasmina.utils.interrupts import interrupts_deferred
 from kasmina.utils.locks import fork_safe, whole_at_fork
 from kasmina.utils.perfstats import LatencyStats
@@ -119,7 +120,8 @@ class KernelLoader:
         attempt comes back unpinned too, and ``copy`` refuses it. ``hold``: records the pin
         for its owner (a queued command, on a fetch worker), called once it is taken, in one
         section with it that a ``fork()``ed child sees whole (``whole_at_fork``); the pin is
-        ``hold``'s from its call on."""
+        ``hold``'s from its call on. ``attempts``: an int >= 1 (none left nothing to return)."""
+        attempts = check_int("attempts", attempts, 1)
         for _ in range(attempts):
             original = self.original(artifact_id, deadline=deadline)
             pinned = False

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from kasmina.urza.blueprints import get_blueprint
+from kasmina.urza.cache import GPUKernelCache
 from kasmina.urza.client import UrzaLibraryClient
+from kasmina.urza.loader import KernelLoader
 from kasmina.urza.resilience import MAX_TIMEOUT_S, CircuitBreaker, check_store_settings
+from kasmina.utils.telemetry import TelemetryReporter
 
 
 @pytest.mark.parametrize("dim", [True, np.bool_(True), 2.0, "2", 0])
@@ -64,3 +68,19 @@ def test_a_read_timeout_outside_zero_to_a_week_is_refused(timeout_s) -> None:
 def test_a_read_timeout_of_a_week_or_a_moment_is_taken() -> None:
     for timeout_s in (MAX_TIMEOUT_S, 1e-9):
         assert check_store_settings(timeout_s=timeout_s) == {"timeout_s": timeout_s}
+
+
+@pytest.mark.parametrize("attempts", [0, -1, True, 1.0])
+def test_pinned_original_refuses_attempts_that_are_no_count_of_one_or_more(
+    tmp_path, attempts
+) -> None:
+    """``attempts=0`` loaded nothing and raised ``UnboundLocalError`` at its return; a bool or
+    a float was taken (or failed in ``range``). Refused before the store is read."""
+    client = UrzaLibraryClient(str(tmp_path), {})
+    loader = KernelLoader(client, GPUKernelCache(64), torch.device("cpu"), TelemetryReporter())
+    try:
+        with pytest.raises(ValueError, match=r"^attempts must be an int >= 1"):
+            loader.pinned_original("art-1", attempts=attempts)
+        assert loader.cache.stats()["misses"] == 0
+    finally:
+        client.close()
