@@ -109,6 +109,17 @@ def test_the_compiled_test_passes_the_gradient_and_sets_the_flag_where_it_is_not
     assert bool(flag) is not math.isfinite(value)
 
 
+def test_a_half_gradient_from_above_is_tested_by_its_fp32_sum() -> None:
+    """Finite fp16 entries whose sum overflows fp16 (4 x 60000 > 65504) are a finite gradient,
+    as the eager guard's test (``faults.all_finite``, summed in fp32) has it: summed in their
+    own dtype, they lost the step."""
+    out = torch.randn(4, dtype=torch.float16, requires_grad=True)
+    for value, lost in ((60000.0, False), (math.inf, True)):
+        flag = torch.zeros((), dtype=torch.bool)
+        from_above_tested(out, flag).backward(torch.full((4,), value, dtype=torch.float16))
+        assert bool(flag) is lost
+
+
 @pytest.mark.parametrize("stage", list(SeedStage), ids=lambda s: s.name)
 def test_a_set_cut_flag_is_a_lost_step_in_the_isolated_stages_only(stage: SeedStage) -> None:
     """Only an isolated kernel's output goes through ``from_above_tested``: there the flag is a
