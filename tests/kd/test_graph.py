@@ -31,3 +31,14 @@ def test_kd_losses_on_one_device_sum_to_their_total() -> None:
     total.backward()
     assert a.grad is not None and b.grad is not None
     assert a.grad.item() == 1.0 and b.grad.tolist() == [1.0, 1.0]
+
+
+def test_kd_losses_without_a_graph_are_summed_unmarked() -> None:
+    """Losses computed under ``torch.no_grad()`` (an evaluation's forward with teacher logits)
+    have no node to mark: they are summed as they are, a slot's sum of them summed again too."""
+    weight = torch.ones(3, requires_grad=True)
+    with torch.no_grad():
+        slot = sum_kd_losses([(weight * 2.0).sum(), torch.ones(2)])
+    assert slot is not None and slot.grad_fn is None and slot.item() == 8.0
+    total = sum_kd_losses([slot, torch.tensor(0.5)])
+    assert total is not None and total.grad_fn is None and total.item() == 8.5
