@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kasmina.errors import ArtifactIntegrityError, ArtifactNotFoundError, UrzaUnavailableError
-from kasmina.urza.artifact import Manifest, sign_manifest, verify_manifest
+from kasmina.urza.artifact import Manifest, chain_layers, sign_manifest, verify_manifest
 from kasmina.urza.client import UrzaLibraryClient
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import PublisherKey, TrustedPublishers
@@ -195,11 +195,12 @@ def test_a_file_url_naming_localhost_is_that_local_path(
 def test_an_ipv6_store_url_is_taken_as_one_url(url, trusted) -> None:
     """A store URL's layers are split at ``::`` (fsspec chaining), which also cut an IPv6
     host's brackets apart: every IPv6 store was refused as malformed. Split outside them; a
-    layer in front is still found, a ``]`` after it too."""
+    layer in front is still found, a ``]`` after it too, and a ``::`` after the brackets."""
     UrzaLibraryClient(url, trusted, timeout_s=1.0, retries=0).close()
     for chained in (f"simplecache::{url}", "simplecache::/tmp/store]"):
         with pytest.raises(ValueError, match="caching layer"):
             UrzaLibraryClient(chained, trusted)
+    assert chain_layers(f"{url}::x::y") == [url, "x", "y"]
 
 
 @pytest.mark.parametrize("url", ["http:///store", "http://:80/store", "https://al:pw@/store"])
