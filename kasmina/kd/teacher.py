@@ -392,12 +392,15 @@ class TeacherForwardPassManager:
         self._pending: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
         self._memory: dict[str, float] | None = None
         self._profiling = threading.Lock()
+        # One thread reads the pending CUDA timings at a time: a reader of the figures (which
+        # waits on the device) and the training thread's next forward took the same oldest one.
+        self._timing = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_profiling"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_profiling", "_timing")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _profiling=threading.Lock())
+        self.__dict__.update(state, _profiling=threading.Lock(), _timing=threading.Lock())
 
     def get_teacher_predictions(self, input_batch: TeacherInput) -> torch.Tensor | None:
         """Teacher logits for ``input_batch``, or ``None`` (no teacher, or OOM: skip KD)."""
@@ -477,13 +480,19 @@ class TeacherForwardPassManager:
             logger.log(rarely(self.slow_count, self.SLOW_WARNING_EVERY), msg, *args)
 
     def _drain(self, block: bool) -> None:
-        while self._pending:
-            start, end = self._pending[0]
-            if not block and not end.query():
-                return
-            end.synchronize()
-            self._pending.popleft()
-            self._record(start.elapsed_time(end))
+        # Not blocking: a forward never waits for another thread's read, which takes them all.
+        if not self._timing.acquire(blocking=block):
+            return
+        try:
+            while self._pending:
+                start, end = self._pending[0]
+                if not block and not end.query():
+                    return
+                end.synchronize()
+                self._pending.popleft()
+                self._record(start.elapsed_time(end))
+        finally:
+            self._timing.release()
 
     def profile_memory(self, input_batch: TeacherInput) -> dict[str, float]:
         """Measure the peak forward memory at the teacher's precision and at fp32, once.

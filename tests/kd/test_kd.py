@@ -6,6 +6,7 @@ import copy
 import gc
 import logging
 import math
+import threading
 import types
 import weakref
 
@@ -483,6 +484,61 @@ def test_one_thread_profiles_the_teachers_memory() -> None:
         manager._profiling.release()
     manager.get_teacher_predictions(inputs(4))
     assert manager._memory is not None
+
+
+class _TimedEvent:
+    """A CUDA timing event's stand-in: done once ``synchronize`` ran or ``done`` is set, its
+    ``synchronize`` in the thread named ``waits_in`` paused at ``gate`` (a GPU still busy)."""
+
+    def __init__(self, ms: float, done: bool, gate: threading.Event | None = None) -> None:
+        self.ms, self.done, self.gate, self.waiting = ms, done, gate, threading.Event()
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        if self.gate is not None and threading.current_thread().name == "reader":
+            self.waiting.set()
+            assert self.gate.wait(timeout=10)
+        self.done = True
+
+    def elapsed_time(self, end: _TimedEvent) -> float:
+        if not end.done:
+            raise RuntimeError("CUDA error: device not ready")
+        return end.ms
+
+
+def test_forward_times_read_from_two_threads_are_each_taken_once() -> None:
+    """A thread reading the figures (``get_checkpoint_effectiveness``, which waits for the
+    device) beside the training thread's next forward, which reads the times already there:
+    both took the oldest timing, the second then dropped the next one, counted the first twice
+    or raised (``IndexError`` from an empty queue, or a not-ready event) out of the step. One
+    thread reads them at a time; the training thread never waits on the device for it."""
+    manager = TeacherForwardPassManager(None, budget_ms=1e9)
+    gate = threading.Event()
+    first = _TimedEvent(1.0, done=True, gate=gate)
+    second = _TimedEvent(7.0, done=False)
+    manager._pending.extend([(first, first), (second, second)])  # type: ignore[arg-type]
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            manager.get_checkpoint_effectiveness()
+        except BaseException as exc:  # the assertion reads it on the test's thread
+            errors.append(exc)
+
+    reader = threading.Thread(target=read, name="reader")
+    reader.start()
+    assert first.waiting.wait(timeout=10)  # the reader waits on the oldest forward's end
+    try:
+        manager._drain(block=False)  # the training thread's next forward
+    finally:
+        gate.set()
+        reader.join(timeout=10)
+    assert not errors and not reader.is_alive()
+    figures = manager.get_checkpoint_effectiveness()
+    assert figures["forwards"] == 2.0 and figures["forward_ms_max"] == 7.0
+    assert figures["forward_ms_mean"] == 4.0
 
 
 @pytest.mark.parametrize(
