@@ -187,15 +187,21 @@ class CheckpointedTeacher:
         """Teacher logits for ``input_batch``; no autograd graph is ever recorded."""
         with self._lock:
             self._require_open()  # the model is the caller's again: left as it is
-            if self.teacher.training:
-                logger.warning("teacher was switched to train mode; returning it to eval mode")
-                self.teacher.eval()
+            self._in_eval()
             with torch.inference_mode():
                 logits = self._run(input_batch)
         # Outside inference mode (a caller's too), so the result is an ordinary tensor.
         target = self.output_dtype or logits.dtype
         with torch.inference_mode(False):
             return logits.to(target) if logits.dtype != target else logits.clone()
+
+    def _in_eval(self) -> None:
+        """Eval mode back where the teacher or any module of it was switched to train (a module
+        shared with a student, whose ``train()`` switched it): a forward in train mode draws
+        dropout and moves the batch-norm statistics the teacher is frozen at."""
+        if any(module.training for module in self.teacher.modules()):
+            logger.warning("teacher was switched to train mode; returning it to eval mode")
+            self.teacher.eval()
 
     def _run(self, input_batch: TeacherInput) -> torch.Tensor:
         """The teacher's logits for a tensor, or for a mapping of keyword inputs (a Hugging Face
@@ -245,6 +251,7 @@ class CheckpointedTeacher:
             target = self.dtype if dtype is None else dtype
             if target != self.dtype and target not in _TEACHER_DTYPES:
                 raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
+            self._in_eval()  # the forward measured is the one KD runs
             return self._measure(input_batch, target)
 
     def _measure(self, input_batch: TeacherInput, target: torch.dtype) -> int:
