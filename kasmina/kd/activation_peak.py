@@ -19,8 +19,11 @@ def _tensor_spans(obj: object, spans: dict[int, list[tuple[int, int]]]) -> None:
     """Note in ``spans`` (storage -> byte ranges) the bytes every tensor inside ``obj`` (tuples,
     lists, dicts) spans in its storage: a batch sliced from a dataset in memory is the batch,
     not the dataset, and the views a module splits its output into (``qkv.chunk(3)``) are all
-    of it (``_span_bytes`` takes the union)."""
-    if isinstance(obj, torch.Tensor):
+    of it (``_span_bytes`` takes the union). A nested tensor (``nn.TransformerEncoder``'s fast
+    path given a padding mask) has no sizes or strides of its own: its components are counted."""
+    if isinstance(obj, torch.Tensor) and obj.is_nested:
+        _tensor_spans(obj.unbind(), spans)  # strided views of its one buffer
+    elif isinstance(obj, torch.Tensor):
         if obj.numel():
             size = obj.element_size()
             start = obj.storage_offset() * size

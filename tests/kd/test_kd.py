@@ -16,6 +16,7 @@ from torch import nn
 
 import kasmina.kd.holds as holds_module
 import kasmina.kd.teacher as kd_module
+from kasmina.kd.activation_peak import hooked_activation_peak
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import is_kd_root, sum_kd_losses
 from kasmina.kd.holds import is_teacher_parameter
@@ -739,6 +740,36 @@ def test_the_cpu_memory_profile_counts_every_view_of_a_split_output() -> None:
     manager.get_teacher_predictions(torch.randn(32, IN))
     peak = manager.get_checkpoint_effectiveness()["peak_forward_bytes_full"]
     assert peak >= 32 * (IN + 3 * 64) * 4  # the input and the whole projection
+
+
+def test_the_cpu_memory_profile_counts_a_nested_tensor_by_its_components() -> None:
+    """``nn.TransformerEncoder`` given a padding mask runs its layers on a nested tensor in eval
+    mode, which has no sizes or strides: every CPU measurement of such a teacher raised (its
+    peaks were NaN). A nested output is counted by the bytes of its components."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(IN, 2, 32, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+            self.head = nn.Linear(IN, CLASSES)
+
+        def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(x, src_key_padding_mask=padding))
+
+    x, padding = torch.randn(3, 5, IN), torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, 3:] = True
+    manager = TeacherForwardPassManager(CheckpointedTeacher(Encoder(), dtype=torch.float32))
+    assert manager.get_teacher_predictions({"x": x, "padding": padding}) is not None
+    peak = manager.get_checkpoint_effectiveness()["peak_forward_bytes_full"]
+    assert peak >= manager.checkpointed_teacher.parameter_bytes() + x.nelement() * 4
+
+    class Nest(nn.Module):  # rows 2 and 3 of two sequences, copied into one nested buffer
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nested.nested_tensor([x[0, :2], x[1, :3]])
+
+    nest, x = Nest(), torch.randn(2, 3, 4)
+    assert hooked_activation_peak(nest, lambda: nest(x)) == (2 * 3 + 5) * 4 * 4
 
 
 def test_a_refused_checkpoint_leaves_a_lazy_model_loaded_in_place_untouched(tmp_path) -> None:
