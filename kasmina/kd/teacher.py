@@ -81,7 +81,8 @@ class CheckpointedTeacher:
 
     ``forward`` runs under ``torch.inference_mode``, with a caller's autocast off (the teacher
     computes in its own dtype). Floating inputs are moved to the teacher's device and cast to
-    its dtype (integer inputs such as token ids keep their dtype). Logits come
+    its dtype, finite values saturating at its range (an fp32 mask at fp32's min stays finite;
+    integer inputs such as token ids keep their dtype). Logits come
     back as ``output_dtype`` (fp32 by default; ``None`` keeps the teacher dtype) and as ordinary
     tensors, not inference tensors, so any loss may save them for its backward. This is not an
     ``nn.Module`` on purpose: assigning it to a student never registers the teacher's weights.
@@ -226,7 +227,12 @@ class CheckpointedTeacher:
 
     def _placed(self, t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point():
-            return t.to(device=self.device, dtype=self.dtype)
+            t = t.to(device=self.device)
+            big = torch.finfo(self.dtype).max
+            if torch.finfo(t.dtype).max > big:  # saturated, not overflowed: an additive mask
+                # at fp32's min became -inf in bf16, and a row it masks whole NaN
+                t = torch.where(t.isinf(), t, t.clamp(-big, big))
+            return t.to(dtype=self.dtype)
         return t.to(device=self.device)
 
     def measure_forward_peak_bytes(

@@ -345,6 +345,35 @@ def test_integer_inputs_keep_their_dtype() -> None:
     assert teacher(ids).shape == (2, 7, 50)
 
 
+class _AdditiveMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.out = nn.Linear(IN, IN), nn.Linear(IN, CLASSES)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = self.q(x)
+        return self.out((h @ h.transpose(-1, -2) + bias).softmax(-1) @ h)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float_input_past_the_teachers_range_saturates(dtype: torch.dtype) -> None:
+    """An fp32 additive attention mask at fp32's min (a student's mask, given to the teacher as
+    its keyword input) overflowed to -inf in a bf16 or fp16 teacher: a row it masks whole was
+    NaN where the fp32 teacher's is finite. Finite inputs saturate; infinities stay."""
+    torch.manual_seed(0)
+    model = _AdditiveMask()
+    x, bias = torch.randn(2, 4, IN), torch.zeros(2, 4, 4)
+    bias[0, 0, :] = torch.finfo(torch.float32).min  # a query that sees no key
+    batch = {"x": x, "bias": bias}
+    want = CheckpointedTeacher(model, dtype=torch.float32)(batch)
+    got = CheckpointedTeacher(model, dtype=dtype)(batch)
+    assert got.isfinite().all()
+    tolerance = LOGIT_TOLERANCE[dtype] * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=tolerance)
+    bias[0, 0, :] = -math.inf  # a -inf mask is the teacher's own NaN at any precision
+    assert CheckpointedTeacher(model, dtype=dtype)(batch)[0, 0].isnan().all()
+
+
 def test_a_batch_of_keyword_inputs_reaches_the_teacher_with_its_attention_mask() -> None:
     """A Hugging Face batch (``input_ids`` and ``attention_mask``) was refused (a tensor
     only), and ``input_ids`` alone gave a left-padded row's real positions logits computed
