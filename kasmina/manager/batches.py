@@ -1,6 +1,6 @@
 """How ``evaluate_seeds`` reads a validation batch (docs/design.md §3, gate G5): checked to be
-an ``(inputs, targets)`` pair, its tensors moved to the model's device, and weighed by its batch
-size.
+an ``(inputs, targets)`` pair, its tensors moved to the model's device (and copied for each
+forward that measures a seed taken out), and weighed by its batch size.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["batch_size", "checked_pair", "moved"]
+__all__ = ["batch_size", "checked_pair", "copied", "moved"]
 
 
 def checked_pair(batch: Any, index: int) -> tuple[Any, Any]:
@@ -42,6 +42,23 @@ def moved(value: Any, device: torch.device) -> Any:
         return type(value)(items)
     if isinstance(value, Mapping):  # keyword inputs (a tokenizer's BatchEncoding)
         return {k: moved(v, device) for k, v in value.items()}
+    return value
+
+
+def copied(value: Any) -> Any:
+    """``value`` with its tensors cloned, walked as ``moved`` walks it: what a forward that
+    changes its inputs in place (``x.mul_(...)`` preprocessing) may change, leaving ``value``."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, PackedSequence):  # its indices are never written: its data only
+        return value._replace(data=value.data.clone())
+    if isinstance(value, tuple | list):
+        items = [copied(v) for v in value]
+        if hasattr(value, "_fields"):
+            return type(value)(*items)
+        return type(value)(items)
+    if isinstance(value, Mapping):
+        return {k: copied(v) for k, v in value.items()}
     return value
 
 

@@ -13,7 +13,8 @@ the model's output now (GRAFTING with alpha > 0, STABILIZATION, ACTIVE). A seed 
 ISOLATED_INIT or COMPATIBILITY_CHECK passes the host's value through by construction, so its
 "without" equals its "with" and costs no forward. One forward per contributing seed, rather than
 one batched forward over a new dimension, keeps the model's own batch semantics untouched
-(any host, any loss, batch norm in eval mode) at the price of ``C`` forwards.
+(any host, any loss, batch norm in eval mode) at the price of ``C`` forwards, each on its own
+copy of the batch's inputs (a model may change its inputs in place).
 
 Side effects: none that training can see. Evaluation runs in eval mode (modes restored), under
 ``no_grad``, inside ``torch.random.fork_rng`` (no global random number is drawn), and restores
@@ -51,7 +52,7 @@ from kasmina.manager.ablation import (
     set_rng_states,
     watched_call,
 )
-from kasmina.manager.batches import batch_size, checked_pair, moved
+from kasmina.manager.batches import batch_size, checked_pair, copied, moved
 from kasmina.manager.records import SeedRecord
 from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.manager.wrap_records import host_buffers_aligned
@@ -326,6 +327,10 @@ def _measure_batch(run: _Run, inputs: Any, targets: Any, n: int) -> None:
     # that samples (dropout left on, a VAE, a diffusion loss's noise) would otherwise measure
     # each ablation on other draws than the seed's.
     draws = rng_states(run.cuda)
+    # A model that changes its inputs in place (an in-place normalization or activation first)
+    # ran each ablation on what the forward before it left, and measured a seed that does
+    # nothing as a benefit: each ablation runs on its own copy of the batch as given.
+    pristine = copied(inputs) if any(t.contributes for t in tallies) else inputs
     output, seen, sat = watched_call(run.model, inputs, records, sinks)
     for tally, fault in zip(tallies, seen, strict=True):
         if fault is not None:
@@ -340,7 +345,7 @@ def _measure_batch(run: _Run, inputs: Any, targets: Any, n: int) -> None:
         set_rng_states(draws, run.cuda)
         hooks = ablate(tally.record)
         try:  # watched too: "the other seeds as they are" must hold
-            output, seen_without, _ = watched_call(run.model, inputs, records, sinks)
+            output, seen_without, _ = watched_call(run.model, copied(pristine), records, sinks)
         finally:
             for hook in hooks:
                 hook.remove()

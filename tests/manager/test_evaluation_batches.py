@@ -187,3 +187,33 @@ def test_a_batch_that_is_no_inputs_targets_pair_is_refused_naming_it() -> None:
             evaluate_seeds(registry, batches, norm)
         assert all(seed.evaluation is None for seed in slot.seeds)
     assert evaluate_seeds(registry, [[x, t]], norm)["fc[0]"].samples == 4  # a list pair: taken
+
+
+class _ScalesItsInputInPlace(nn.Module):
+    """A model whose forward preprocesses its batch in place, before a slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="fc")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        return self.fc(x)
+
+
+def test_a_model_that_changes_its_inputs_in_place_measures_each_forward_on_the_batch_given():
+    """Every forward of a batch was given the same tensors: a model that scales its input in
+    place ran the ablation on the input scaled twice, and a seed that changes nothing (a
+    kernel of x * 1) was measured as a 60% benefit, which G5 would fossilize."""
+    torch.manual_seed(0)
+    model = _ScalesItsInputInPlace()
+    registry = SlotRegistry(model, [model.fc])
+    seed = model.fc.seeds[0]
+    seed.attach_kernel(Scale(1.0))
+    for stage in _TO_STABILIZATION:
+        seed.transition_to(stage)
+    x, y = torch.randn(8, 3), torch.randn(8, 4)
+    result = evaluate_seeds(registry, [(x.clone(), y)], F.mse_loss)["fc[0]"]
+    assert result.loss_without == result.loss_with
+    with torch.no_grad():  # the loss of the model as it is, on the batch scaled once
+        assert result.loss_with == pytest.approx(F.mse_loss(model(x), y).item(), rel=1e-6)
