@@ -47,7 +47,8 @@ def moved(value: Any, device: torch.device) -> Any:
 
 def copied(value: Any) -> Any:
     """``value`` with its tensors cloned, walked as ``moved`` walks it: what a forward that
-    changes its inputs in place (``x.mul_(...)`` preprocessing) may change, leaving ``value``."""
+    changes its inputs in place (``x.mul_(...)`` preprocessing), or a loss its targets, may
+    change, leaving ``value``."""
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, PackedSequence):  # its indices are never written: its data only

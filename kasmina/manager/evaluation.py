@@ -14,7 +14,7 @@ ISOLATED_INIT or COMPATIBILITY_CHECK passes the host's value through by construc
 "without" equals its "with" and costs no forward. One forward per contributing seed, rather than
 one batched forward over a new dimension, keeps the model's own batch semantics untouched
 (any host, any loss, batch norm in eval mode) at the price of ``C`` forwards, each on its own
-copy of the batch's inputs (a model may change its inputs in place).
+copy of the batch (a model may change its inputs in place, a loss its targets).
 
 Side effects: none that training can see. Evaluation runs in eval mode (modes restored), under
 ``no_grad``, inside ``torch.random.fork_rng`` (no global random number is drawn), and restores
@@ -327,10 +327,11 @@ def _measure_batch(run: _Run, inputs: Any, targets: Any, n: int) -> None:
     # that samples (dropout left on, a VAE, a diffusion loss's noise) would otherwise measure
     # each ablation on other draws than the seed's.
     draws = rng_states(run.cuda)
-    # A model that changes its inputs in place (an in-place normalization or activation first)
-    # ran each ablation on what the forward before it left, and measured a seed that does
-    # nothing as a benefit: each ablation runs on its own copy of the batch as given.
-    pristine = copied(inputs) if any(t.contributes for t in tallies) else inputs
+    # A model that changes its inputs in place (an in-place normalization or activation first),
+    # or a loss its targets, ran each ablation on what the forward before it left, and measured
+    # a seed that does nothing as a benefit: each ablation runs on its own copy of the batch.
+    ablated = any(t.contributes for t in tallies)
+    pristine = (copied(inputs), copied(targets)) if ablated else (inputs, targets)
     output, seen, sat = watched_call(run.model, inputs, records, sinks)
     for tally, fault in zip(tallies, seen, strict=True):
         if fault is not None:
@@ -345,7 +346,7 @@ def _measure_batch(run: _Run, inputs: Any, targets: Any, n: int) -> None:
         set_rng_states(draws, run.cuda)
         hooks = ablate(tally.record)
         try:  # watched too: "the other seeds as they are" must hold
-            output, seen_without, _ = watched_call(run.model, copied(pristine), records, sinks)
+            output, seen_without, _ = watched_call(run.model, copied(pristine[0]), records, sinks)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -358,7 +359,7 @@ def _measure_batch(run: _Run, inputs: Any, targets: Any, n: int) -> None:
                 f"seed {records[other].seed_id} faulted with this seed taken out "
                 f"({seen_without[other]}): its counterfactual could not be measured"
             )
-        loss, value = run.scored(output, targets, n)
+        loss, value = run.scored(output, copied(pristine[1]), n)
         tally.loss_without += loss
         tally.metric_without += n * value  # (NaN without a metric_fn: never read then)
 

@@ -17,7 +17,7 @@ from kasmina.manager.batches import batch_size
 from kasmina.manager.evaluation import evaluate_seeds
 from kasmina.manager.slots import SlotRegistry
 from kasmina.seeds.layer import KasminaLayer
-from tests.manager.evaluation_helpers import _TO_STABILIZATION, Scale, _tiny
+from tests.manager.evaluation_helpers import _TO_STABILIZATION, Scale, _stabilizing, _tiny
 
 
 def _weighted(registry: SlotRegistry, batches: list, weights: list[int], loss_fn) -> dict:
@@ -217,3 +217,20 @@ def test_a_model_that_changes_its_inputs_in_place_measures_each_forward_on_the_b
     assert result.loss_without == result.loss_with
     with torch.no_grad():  # the loss of the model as it is, on the batch scaled once
         assert result.loss_with == pytest.approx(F.mse_loss(model(x), y).item(), rel=1e-6)
+
+
+def test_a_loss_that_changes_its_targets_in_place_scores_each_forward_on_the_batch_given():
+    """The loss of every forward of a batch was given the same targets: a loss that scales
+    them in place (harmless in training, where each batch is scored once) scored the ablation
+    against targets scaled twice, and a seed that changes nothing was measured as a change."""
+    slot, registry = _stabilizing(Scale(1.0))
+    x, y = torch.randn(8, 3), torch.randn(8, 6)
+
+    def loss_fn(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out, targets.mul_(2.0))
+
+    results = evaluate_seeds(registry, [(x, y.clone())], loss_fn)  # 3 forwards, 3 losses
+    with torch.no_grad():
+        want = F.mse_loss(registry.model(x), 2.0 * y).item()
+    assert results["fc[0]"].loss_with == pytest.approx(want, rel=1e-6)
+    assert results["fc[0]"].loss_without == pytest.approx(want, rel=1e-6)
