@@ -9,7 +9,6 @@ bit."""
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +288,7 @@ def test_fp16_seed_gradients_are_averaged_without_overflowing(tmp_path: Path) ->
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
 def test_a_rank_whose_host_has_another_dtype_is_refused_on_every_rank(tmp_path: Path) -> None:
-    spawn(_worker_cast_rank, 2, args=(str(tmp_path),), backend="gloo", timeout_s=20)
+    spawn(_worker_cast_rank, 2, args=(str(tmp_path),), backend="gloo", timeout_s=60)
     refusals = [Path(tmp_path, f"refused{rank}.txt").read_text() for rank in (0, 1)]
     assert "torch.float32" in refusals[0] and "torch.bfloat16" in refusals[1]
 
@@ -300,13 +299,12 @@ def test_ranks_whose_hosts_differ_in_what_is_frozen_are_refused_on_every_rank(
 ) -> None:
     """A host frozen whole on one rank only: that rank returned it unwrapped, the other entered
     DDP's constructor, and both hung in their next collectives until the group's timeout (30
-    minutes by default). ``requires_grad`` is part of the layout the ranks compare first."""
-    start = time.monotonic()
-    spawn(_worker_frozen_rank, 2, args=(str(tmp_path),), backend="gloo", timeout_s=10,
-          join_timeout_s=60)  # fmt: skip
+    minutes by default). ``requires_grad`` is part of the layout the ranks compare first: each
+    rank's refusal names it (a collective timing out would have raised something else)."""
+    spawn(_worker_frozen_rank, 2, args=(str(tmp_path),), backend="gloo", timeout_s=30,
+          join_timeout_s=90)  # fmt: skip
     refusals = [Path(tmp_path, f"refused{rank}.txt").read_text() for rank in (0, 1)]
     assert "0 requiring a gradient" in refusals[0] and "4 requiring a gradient" in refusals[1]
-    assert time.monotonic() - start < 50  # the imports; no collective timed out
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
@@ -314,7 +312,7 @@ def test_ranks_with_registries_of_other_sizes_do_not_agree_flags(tmp_path: Path)
     """The flags' agreement runs only between registries of as many seeds (in the header):
     vectors of two lengths in one all-reduce fail or hang the collective. Each rank keeps its
     own flags; the layout differs too, and the epoch sync repairs."""
-    spawn(_worker_uneven_registries, 2, args=(str(tmp_path),), backend="gloo", timeout_s=20)
+    spawn(_worker_uneven_registries, 2, args=(str(tmp_path),), backend="gloo", timeout_s=60)
     flags = [torch.load(tmp_path / f"uneven{rank}.pt") for rank in range(2)]
     assert flags == [{"s0": [False, True]}, {"s0": [True, False]}]
 
