@@ -35,6 +35,7 @@ from typing import Protocol
 
 from kasmina.control.commands import CommandExecutor, KasminaCommand
 from kasmina.leyline import AdaptationCommand
+from kasmina.utils.checks import check_positive_int
 from kasmina.utils.locks import fork_safe
 
 logger = logging.getLogger(__name__)
@@ -224,9 +225,9 @@ class HeldCommands:
 
     @max_pending.setter
     def max_pending(self, value: int) -> None:
-        if value < 1:
-            raise ValueError("max_pending must be >= 1")
-        self._max_pending = value
+        # An int >= 1: NaN or infinity compared False against every length, and so took the
+        # bound off the held commands, silently (2.5 held 3).
+        self._max_pending = check_positive_int("max_pending", value)
 
     def __len__(self) -> int:
         with self._lock:

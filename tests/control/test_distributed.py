@@ -748,6 +748,17 @@ def test_submit_verifies_on_arrival_bounds_the_queue_and_never_raises() -> None:
         DistributedCoordinator(object(), lambda: {})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2.5, True, 0, "8"])
+def test_max_pending_must_be_an_int_of_at_least_one(bad: object) -> None:
+    # NaN or infinity compared False against every length: the queue took every command.
+    coord, _, _, _ = _local()
+    with pytest.raises(ValueError, match="max_pending must be an int >= 1"):
+        coord.max_pending = bad  # type: ignore[assignment]
+    assert coord.max_pending == 1024
+    with pytest.raises(ValueError, match="max_pending"):
+        DistributedCoordinator(coord.handler, lambda: {}, max_pending=bad)  # type: ignore[arg-type]
+
+
 def test_a_held_copy_is_taken_for_its_identity_or_a_retry_that_says_the_same() -> None:
     from kasmina.control.relay import HeldCommands, Received
 
