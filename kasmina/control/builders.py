@@ -183,7 +183,10 @@ def _duration(timeout_s: float) -> Duration:
 
 def _new_command(command_id: str | None, priority: int | str, timeout: float) -> AdaptationCommand:
     cmd = AdaptationCommand(timeout=_duration(timeout))
-    _set(cmd, "command_id", command_id or uuid.uuid4().hex, "command_id")
+    # Only None takes a fresh id: "" (an id the caller meant to keep, for a retry) is refused
+    # as the trainer refuses it, where a new random id each time made every retry a new command.
+    fresh = command_id is None
+    _set(cmd, "command_id", uuid.uuid4().hex if fresh else command_id, "command_id")
     _set(cmd, "priority", _enum(MessagePriority, priority, "priority"), "priority")
     return cmd
 

@@ -93,6 +93,8 @@ NAN = math.nan
         (SEED, ("germinate", "s"), {}, "artifact_id", "missing_artifact_id"),
         (SEED, ("cull", "s"), {"timeout_s": 3601}, "timeout_s", "bad_timeout"),
         (SEED, ("cull", "s"), {"priority": 42}, "priority", "unknown_priority"),
+        (SEED, ("cull", "s"), {"command_id": ""}, "command_id", "bad_command_id"),
+        (ROLLBACK, (1,), {"command_id": "a\nb"}, "command_id", "bad_command_id"),
         (ROLLBACK, (-1,), {}, "target_epoch", "bad_target_epoch"),
         (ROLLBACK, (1,), {"reason": "r\n"}, "reason", "bad_reason"),
         (OPTIMIZER, (1, "o"), {"learning_rate": -1}, "learning_rate", "bad_learning_rate"),
