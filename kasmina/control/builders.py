@@ -85,10 +85,19 @@ def _invalid(
     return kind(f"{argument} must be {allowed or _ALLOWED[argument]}, got {shown}{note}")
 
 
+def _is_bool(value: object) -> bool:
+    """A bool, a NumPy bool or a bool tensor (no torch loaded here: read by its dtype's name).
+    Protobuf stores any of them in a number field as 1 or 0, so none is a number here."""
+    return isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
 def _set(message: Any, field: str, value: object, argument: str) -> None:
     """``message.field = value``, with protobuf's type and range errors naming ``argument``.
-    Protobuf takes ``True`` for a number and ``2`` for a bool: both are refused here."""
-    if isinstance(value, bool) != (argument == "emergency"):
+    Protobuf takes ``True`` (a NumPy one too) for a number and ``2`` for a bool: both are
+    refused here."""
+    if argument == "emergency" and not isinstance(value, bool):
+        raise _invalid(TypeError, argument, value)
+    if argument != "emergency" and _is_bool(value):
         raise _invalid(TypeError, argument, value)
     try:
         setattr(message, field, value)
@@ -104,7 +113,7 @@ def _set_parameters(target: Any, parameters: Mapping[str, float] | None) -> None
     if not isinstance(parameters, Mapping):
         raise _invalid(TypeError, "parameters", parameters)
     for key, value in parameters.items():
-        if isinstance(value, bool):  # protobuf would store 1.0
+        if _is_bool(value):  # protobuf would store 1.0
             raise _invalid(TypeError, f"parameters[{key!r}]", value, "a number")
     try:
         target.update(parameters)  # one update: entry by entry would change the wire order

@@ -66,6 +66,23 @@ def test_a_bool_is_no_number_and_a_number_no_bool() -> None:
     assert make_rollback_command(1, emergency=True).rollback_command.emergency
 
 
+def test_a_numpy_or_torch_bool_is_no_number_either() -> None:
+    """A NumPy bool or a bool tensor (a mask's element) passed the ``bool`` check and became 1.0:
+    a STEP to a learning rate of 1, an ADVANCE with a perfect gate score."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    for flag in (np.bool_(True), torch.tensor(True)):
+        with pytest.raises(TypeError, match="learning_rate must be .* got"):
+            make_optimizer_command("step", "host", learning_rate=flag)
+        with pytest.raises(TypeError, match="grad_clip_norm must be .* got"):
+            make_optimizer_command("step", "host", grad_clip_norm=flag)
+        with pytest.raises(TypeError, match=r"parameters\['gate_score'\] must be a number"):
+            make_seed_command("advance", "s", parameters={"gate_score": flag})
+    # A NumPy number is still a number.
+    step = make_optimizer_command("step", "host", learning_rate=np.float64(0.5))
+    assert step.optimizer_command.learning_rate == 0.5
+
+
 def test_priority_takes_a_value_or_a_name_and_lists_the_names() -> None:
     cmd = make_seed_command("cull", "s", priority="high")
     assert cmd.priority == MessagePriority.MESSAGE_PRIORITY_HIGH
