@@ -387,9 +387,10 @@ class CommandVerifier:
             expiry = self._expiry
             if expiry and expiry[0][0] < prune_at - freshness_s:
                 self._prune(prune_at)
-            if timestamp < judged_at - freshness_s or timestamp <= self._floor:
+            # Negated, so a clock that reads NaN refuses every command (NaN compares False).
+            if not timestamp >= judged_at - freshness_s or timestamp <= self._floor:
                 return "stale"
-            if timestamp > judged_at + freshness_s:
+            if not timestamp <= judged_at + freshness_s:
                 return "future"
             seen = self._seen
             if nonce in seen:

@@ -9,6 +9,7 @@ import copy
 import hashlib
 import hmac
 import json
+import math
 import pickle
 import random
 
@@ -420,6 +421,15 @@ def test_forgotten_nonce_cannot_be_replayed_after_the_clock_steps_back(keyring, 
     assert verifier.ledger_size == 1  # "a" was forgotten
     clock.now = T0  # wall clock stepped backwards
     assert verifier.verify(first) == (False, "stale")
+
+
+def test_a_clock_that_reads_nan_refuses_every_command(keyring, clock) -> None:
+    """A broken clock (a simulated one, say) fails closed: NaN compared False both ways, and a
+    command from 1970 or from the year 5000 was accepted as fresh."""
+    verifier = CommandVerifier(keyring, clock=lambda: math.nan)
+    for timestamp in (0.0, T0, 1e11):
+        assert verifier.verify(signed(keyring, timestamp=timestamp)) == (False, "stale")
+    assert verifier.ledger_size == 0
 
 
 def test_a_relayed_command_from_a_clock_ahead_prunes_only_up_to_this_clock(
