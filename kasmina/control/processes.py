@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kasmina.errors import KasminaError
+from kasmina.utils.checks import check_positive, check_positive_int
 from kasmina.utils.process_group import process_group_active
 
 logger = logging.getLogger(__name__)
@@ -338,8 +339,10 @@ def spawn(
     """
     import torch.multiprocessing as mp
 
-    if nprocs < 1:
-        raise ValueError(f"nprocs must be >= 1, got {nprocs}")
+    nprocs = check_positive_int("nprocs", nprocs)
+    # NaN or infinity would compare False against every time: no bound, silently.
+    if join_timeout_s is not None:
+        join_timeout_s = check_positive("join_timeout_s", join_timeout_s)
     port = find_free_port()
     context = mp.start_processes(
         _spawn_entry,

@@ -146,3 +146,22 @@ def test_an_interrupted_spawn_leaves_no_rank_running(tmp_path: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):  # killed and reaped before spawn returned
             os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"nprocs": 0}, "nprocs"),
+        ({"nprocs": 2.5}, "nprocs"),
+        ({"nprocs": True}, "nprocs"),
+        ({"nprocs": 2, "join_timeout_s": float("nan")}, "join_timeout_s"),
+        ({"nprocs": 2, "join_timeout_s": float("inf")}, "join_timeout_s"),
+        ({"nprocs": 2, "join_timeout_s": 0}, "join_timeout_s"),
+    ],
+)
+def test_spawn_refuses_a_bad_count_or_join_timeout_before_it_starts_a_rank(kwargs, match) -> None:
+    """A NaN join timeout compared False against every time: the run was bounded by nothing."""
+    from kasmina.control.processes import spawn
+
+    with pytest.raises(ValueError, match=match):
+        spawn(print, **kwargs)
