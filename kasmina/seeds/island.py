@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -49,8 +49,9 @@ logger = logging.getLogger(__name__)
 _STALE_GRAPHS = itertools.count(1)
 _STALE_MESSAGE = (
     "a seed's graph was stale (its kernel's weights changed in place after the forward: an "
-    "optimizer step before a second backward, or the kernel's own later forward); its "
-    "gradient from that graph is dropped, no fault charged [%d so far]: %s: %s"
+    "optimizer step before a second backward, or the kernel's own later forward; or its input, "
+    "the host's activation, written in place after it by the model); its gradient from that "
+    "graph is dropped, no fault charged [%d so far]: %s: %s"
 )
 
 # PyTorch's own words for a backward through a graph an earlier one freed.
@@ -86,18 +87,33 @@ class _Island:
     ``outputs[i]`` was computed from detached activations and the kernel parameters
     ``params[j]`` for ``j`` in ``groups[i]`` (parameters shared by two seeds are listed once, so
     that their gradient is not returned twice); ``seeds[i]`` is the seed that made it.
-    ``versions`` are the parameters' versions when the graphs were recorded. ``charged``: the
+    ``versions`` are the parameters' versions when the graphs were recorded, ``inputs`` the
+    kernels' inputs (one per output, or none given) with their ``input_versions`` then: an
+    input written in place after the kernel ran (the host's activation, by the model, where the
+    slot's host returns a view of its own input) makes its graph stale, as a weight changed in
+    place does, and that is no fault of the kernel's. ``charged``: the
     outputs whose kernel's backward was already charged a fault, once for the forward that made
     them (a seed-only KD backward and the main one both run through a retained island).
     """
 
-    __slots__ = ("charged", "groups", "outputs", "params", "seeds", "tangents", "versions")
+    __slots__ = (
+        "charged",
+        "groups",
+        "input_versions",
+        "inputs",
+        "outputs",
+        "params",
+        "seeds",
+        "tangents",
+        "versions",
+    )
 
     def __init__(
         self,
         outputs: Sequence[torch.Tensor],
         params: Sequence[Sequence[torch.Tensor]],
         seeds: Sequence[GuardedSeed],
+        inputs: Sequence[torch.Tensor] = (),
     ) -> None:
         unique: dict[int, int] = {}
         flat: list[torch.Tensor] = []
@@ -115,6 +131,9 @@ class _Island:
         self.groups = groups
         self.seeds = list(seeds)
         self.versions = [p._version for p in flat]
+        # Read after the kernels ran: a write of a kernel's own into its input is its fault.
+        self.inputs = list(inputs)
+        self.input_versions = [t._version for t in self.inputs]
         self.charged: set[int] = set()
         # The outputs' forward-mode tangents (the node sees detached copies), while a dual
         # level is open: what forward-mode AD carried through the kernels; else empty.
@@ -142,7 +161,7 @@ class _Island:
         with hooks_set_aside(p._backward_hooks for p in self.params):
             got = self._backward(grads)
         if not (torch.compiler.is_compiling() or graph_kept() or in_kd_backward()):
-            self.outputs = []  # the only reference to the kernels' graphs
+            self.outputs, self.inputs = [], []  # the only reference to the kernels' graphs
         for grad in got:
             if grad is None:  # (a fault, a stale graph, an unused parameter)
                 contain_hooks_given_none(self.params, got)
@@ -163,13 +182,16 @@ class _Island:
             try:
                 got = engine_grad([output], params, [grad])
             except Exception as exc:  # the kernel's own backward failed: contained
-                if any(self.params[j]._version != self.versions[j] for j in group):
+                if any(self.params[j]._version != self.versions[j] for j in group) or (
+                    self.inputs and self.inputs[i]._version != self.input_versions[i]
+                ):
                     # Its weights were changed in place after this forward: autograd refuses
                     # the stale graph. By the caller (an optimizer step, then a second backward
                     # through the graph) or by the kernel's own later forward (a weight clipped
                     # in place, the slot run twice before one backward): which, no version
-                    # tells. So no fault is charged and the host's backward completes; the
-                    # seed's gradient from this graph is dropped, and that is logged.
+                    # tells. Or its input was, by the model (``inputs``). So no fault is
+                    # charged and the host's backward completes; the seed's gradient from this
+                    # graph is dropped, and that is logged.
                     n = next(_STALE_GRAPHS)
                     logger.log(rarely(n, 1000), _STALE_MESSAGE, n, type(exc).__name__, exc)
                     continue
@@ -246,11 +268,12 @@ def contain_backward(
     outputs: Sequence[torch.Tensor],
     params: Sequence[Sequence[torch.Tensor]],
     seeds: Sequence[GuardedSeed],
+    inputs: Sequence[torch.Tensor] = (),
 ) -> list[torch.Tensor]:
     """``outputs`` (isolated seeds', one each) with their backward guarded by one
-    ``ContainedBackward`` node; ``params[i]`` (the kernel's parameters that require a gradient)
-    and ``seeds[i]`` belong to ``outputs[i]``. An output whose kernel trains no parameter is
-    returned as it is."""
+    ``ContainedBackward`` node; ``params[i]`` (the kernel's parameters that require a gradient),
+    ``seeds[i]`` and ``inputs[i]`` (the kernel's input, if given: ``_Island``) belong to
+    ``outputs[i]``. An output whose kernel trains no parameter is returned as it is."""
     result = list(outputs)
     chosen = [i for i, group in enumerate(params) if group]
     if not chosen:
@@ -259,7 +282,8 @@ def contain_backward(
         outputs = [outputs[i] for i in chosen]
         params = [params[i] for i in chosen]
         seeds = [seeds[i] for i in chosen]
-    island = _Island(outputs, params, seeds)
+        inputs = [inputs[i] for i in chosen] if inputs else ()
+    island = _Island(outputs, params, seeds, inputs)
     guarded = ContainedBackward.apply(island, *(v.detach() for v in outputs), *island.params)
     for i, value in zip(chosen, guarded, strict=True):
         result[i] = value
@@ -269,11 +293,12 @@ def contain_backward(
 def contain_isolated(
     seeds: Sequence[Any],
     outs: list[torch.Tensor],
-    inputs: Iterable[int],
+    inputs: Mapping[int, torch.Tensor],
     plan: Sequence[SeedStage],
 ) -> None:
-    """One slot call's isolated seeds' outputs (every seed ``k`` in ``inputs``, not ACTIVE, that
-    guards its backward and has a graph) put, in ``outs``, behind one ``ContainedBackward``."""
+    """One slot call's isolated seeds' outputs (every seed ``k`` in ``inputs``, its kernel's
+    input, not ACTIVE, that guards its backward and has a graph) put, in ``outs``, behind one
+    ``ContainedBackward``."""
     isolated = (k for k in inputs if plan[k] != SeedStage.ACTIVE and seeds[k].guard_backward)
     guarded = [k for k in isolated if outs[k].requires_grad]
     if not guarded:
@@ -282,6 +307,7 @@ def contain_isolated(
         [outs[k] for k in guarded],
         [seeds[k].trained_parameters() for k in guarded],
         [seeds[k] for k in guarded],
+        [inputs[k] for k in guarded],
     )
     for k, value in zip(guarded, values, strict=True):
         outs[k] = value
@@ -493,13 +519,14 @@ def guarded_blend(
     params: Sequence[Sequence[torch.Tensor]],
     seeds: Sequence[GuardedSeed],
     blend: bool,
+    inputs: Mapping[int, torch.Tensor],
 ) -> torch.Tensor:
     """The layer's output through one :class:`GuardedBlend` node (eager only).
 
     ``chunks`` as in :class:`_Graft`; ``host`` the host's output (chunks along ``dim``);
     ``alpha`` ``[n]``, without grad (1 for a chunk that does not blend); ``guarded`` the chunks
     whose output needs a gradient, with their kernels' ``params`` and ``seeds``;
-    ``blend`` False when no seed is GRAFTING.
+    ``blend`` False when no seed is GRAFTING; ``inputs[k]`` chunk ``k``'s kernel's input.
     """
     chosen = [i for i, group in enumerate(params) if group]
     island = None
@@ -508,6 +535,7 @@ def guarded_blend(
             [chunks[guarded[i]] for i in chosen],
             [params[i] for i in chosen],
             [seeds[i] for i in chosen],
+            [inputs[guarded[i]] for i in chosen],
         )
     flags = gradient_flags(*flags)  # the mode of the forward running: the node's is no_grad
     graft = _Graft(chunks, dim, passed, still, flags, island, [guarded[i] for i in chosen], blend)

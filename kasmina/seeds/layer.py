@@ -549,7 +549,7 @@ class KasminaLayer(HostForwarding):
         still = self._masks.still(plan, inputs, x.device) if len(stages) > 1 else None
         params = [seeds[k].trained_parameters() for k in guarded]
         return guarded_blend(
-            outs, x, alpha, dim=dim, passed=passed, still=still, flags=self._flags(),
+            outs, x, alpha, dim=dim, passed=passed, still=still, flags=self._flags(), inputs=inputs,
             guarded=guarded, params=params, seeds=[seeds[k] for k in guarded], blend=grafting,
         )  # fmt: skip
 

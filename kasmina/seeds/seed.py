@@ -495,7 +495,7 @@ class GradientIsolatedSeed(nn.Module):
             return None
         s, xin = called
         if self._guards_backward(s, stage):
-            s = contain_backward([s], [self.trained_parameters()], [self])[0]
+            s = contain_backward([s], [self.trained_parameters()], [self], [xin])[0]
         return s, self._check_finite(s, xin, stage)
 
     def _call_kernel(

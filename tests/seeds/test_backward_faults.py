@@ -217,3 +217,37 @@ def test_the_engine_probe_under_a_meta_default_device_finds_the_entry(
 
 
 _public_grad = torch.autograd.grad
+
+
+@pytest.mark.parametrize("where", ["seed", "layer"])
+@pytest.mark.parametrize(
+    "stage", [S.ISOLATED_INIT, S.GRAFTING, S.STABILIZATION], ids=lambda s: s.name
+)
+def test_a_host_activation_written_in_place_after_the_seed_ran_is_no_fault(
+    stage: SeedStage, where: str
+) -> None:
+    """The slot's host returns a view of its own input (an ``nn.Identity`` hook point), and the
+    model writes into that input after the slot ran: the kernels' graphs saved it, so their
+    backward fails autograd's version check. That is the model's doing, as a weight changed in
+    place is the caller's: no fault is charged (three quarantined healthy seeds), the host's
+    backward completes, and the seeds' gradient from that graph is dropped."""
+    torch.manual_seed(0)
+    up = nn.Linear(4, C if where == "seed" else 2 * C)
+    if where == "seed":
+        seeds = [make_seed(nn.Sequential(nn.Linear(C, C), nn.Tanh()), stage)]
+        slot: nn.Module = seeds[0]
+    else:  # every seed blending (GuardedBlend's island), else ContainedBackward's
+        slot = KasminaLayer(nn.Identity(), 2, C)
+        seeds = list(slot.seeds)
+        for seed in seeds:
+            seed.attach_kernel(nn.Sequential(nn.Linear(C, C), nn.Tanh()))
+            walk(seed, stage)
+    h = up(torch.randn(BATCH, 4))
+    loss = slot(h).pow(2).sum()
+    h.mul_(2.0)  # into the activation the kernels saved (``Identity`` returned it)
+    loss.backward()
+    assert [s.faults for s in seeds] == [0] * len(seeds)
+    assert [s.stage for s in seeds] == [stage] * len(seeds)
+    assert all(p.grad is None for s in seeds for p in s.kernel.parameters())
+    if stage == S.ISOLATED_INIT:  # the straight-through incubate passes the host's gradient
+        assert up.weight.grad is not None and torch.isfinite(up.weight.grad).all()
