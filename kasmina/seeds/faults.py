@@ -36,6 +36,7 @@ from kasmina.seeds.compiled_cut import CUT_REASON, cut_input, from_above_tested,
 from kasmina.seeds.side_effects import (
     FLOATING_BUFFERS,
     buffers_held,
+    island_saves,
     keep_finite,
     own_stream,
 )
@@ -462,6 +463,7 @@ def call_kernel(
     # Its floating buffers stay finite (``side_effects``); a kernel known to have none (the
     # usual: ``()``) costs one dict read here, on every seed's call of every step.
     held = buffers_held(kernel) if kernel.__dict__.get(FLOATING_BUFFERS, True) else ()
+    grad = torch.is_grad_enabled()
     try:
         with island_saves(active):
             if forked:
@@ -486,6 +488,8 @@ def call_kernel(
     finally:
         if held:
             keep_finite(held)
+        if torch.is_grad_enabled() is not grad:  # ``torch.set_grad_enabled(False)`` as a call:
+            torch.set_grad_enabled(grad)  # the host's forward after it recorded no graph
     found = output_fault(out, x)
     if found is not None and found[0] == "dtype":  # under autocast, cast rather than fault
         out = autocast_to_host(out, x)
@@ -525,35 +529,6 @@ def one_value_refusal(e: BaseException, x: torch.Tensor, kernel: Any) -> KernelI
         return None
     count = _ONE_VALUE_REFUSED[kernel] = _ONE_VALUE_REFUSED.get(kernel, 0) + 1
     return KernelInputRefused(str(e), count)
-
-
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    # Detached: a saved output kept with its own grad_fn is a reference cycle through C++
-    # that nothing frees (a Tanh's output, every step). Unpacking restores its autograd links.
-    return tensor.detach()
-
-
-def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:
-    """Around a kernel's call before ACTIVE: the tensors its graph saves are kept as they are,
-    past any saved-tensor hooks of the caller's (activation checkpointing's, non-reentrant).
-
-    That graph is an island (the kernel sees ``x.detach()``) whose backward the seed's guard
-    runs in an engine call of its own. Checkpointing would drop what it saves and recompute the
-    region when the outer backward first needs one of its tensors; an unpack from the island's
-    own engine call is another graph task, so each slot's island re-ran the whole region once
-    more (host side effects included: a BatchNorm's statistics), and a kernel that saved a
-    tensor and then raised left the recompute (which no longer calls a seed the fault
-    quarantined) one tensor short (``CheckpointError``). Kept, the island's tensors live until
-    its backward (a seed's kernel is small beside the host). An ACTIVE seed's graph is the
-    host's: the caller's hooks apply. Nothing is pushed without a caller's hooks or compiled."""
-    if (
-        active
-        or torch.compiler.is_compiling()
-        or torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
-    ):
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def autocast_to_host(out: Any, host: torch.Tensor) -> Any:

@@ -9,11 +9,12 @@ seeds it distils into, as a kernel's exception is (counted, logged, reported; at
 fault limit, QUARANTINE), and the host's forward goes on with its output untouched.
 
 Under activation checkpointing the loss is the region's first run's alone: its graph keeps the
-tensors it saves past a non-reentrant checkpoint's saved-tensor hooks (``faults.island_saves``),
-and a recompute computes none. Saved in the region, a first run whose loss raised once (a transient
-error: an allocation) left its recompute, whose loss did not, saving more tensors than the first
-run (a ``CheckpointError`` out of the host's backward), and the KD backward, an engine call of
-its own, recomputed the whole region once more (the host's side effects with it) to unpack them.
+tensors it saves past a non-reentrant checkpoint's saved-tensor hooks
+(``side_effects.island_saves``), and a recompute computes none. Saved in the region, a first
+run whose loss raised once (a transient error: an allocation) left its recompute, whose loss
+did not, saving more tensors than the first run (a ``CheckpointError`` out of the host's
+backward), and the KD backward, an engine call of its own, recomputed the whole region once
+more (the host's side effects with it) to unpack them.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import seed_kd_loss, slot_kd_loss
-from kasmina.seeds.faults import CONTROL_FLOW, FaultRecorder, island_saves, recomputing
+from kasmina.seeds.faults import CONTROL_FLOW, FaultRecorder, recomputing
 from kasmina.seeds.recompute import checkpoint_region
+from kasmina.seeds.side_effects import island_saves
 
 __all__ = ["contained_kd_loss", "seed_kd_or_fault", "slot_kd_or_fault"]
 

@@ -122,7 +122,7 @@ class RegionRuns:
     backward, or the wrong tensors unpacked where the shapes agree). One that saved tensors in
     the region before it failed (an ACTIVE kernel's graph is the host's) is called again: a
     deterministic fault saves them again (a transient one there is not covered). A kernel
-    before ACTIVE saves none in the region (``faults.island_saves``). Weak maps, as
+    before ACTIVE saves none in the region (``side_effects.island_saves``). Weak maps, as
     ``RegionTeachers``'s; the region's saves are counted on torch's frame (``weak_holders``),
     and without it every call is made again, as before."""
 

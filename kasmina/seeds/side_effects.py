@@ -9,7 +9,11 @@ floating buffers finite (``buffers_held``, ``keep_finite``): an element a call m
 infinite gets its value from before the call back. A host batch that went non-finite (a
 diverged step) reaches the kernel and, in training, its batch-norm statistics: without the
 guard they stayed NaN for good, and every later call in eval mode faulted the seed for it,
-though a seed is never charged for what the host feeds it (docs/design.md §6a).
+though a seed is never charged for what the host feeds it (docs/design.md §6a). Before ACTIVE
+the tensors a kernel's graph saves are kept past the caller's saved-tensor hooks
+(``island_saves``). A kernel that leaves grad mode changed (``torch.set_grad_enabled(False)``
+called as a function) has it put back (``faults.call_kernel``): the host's forward after the
+slot recorded no graph, and its backward raised.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import logging
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +38,7 @@ __all__ = [
     "FLOATING_BUFFERS",
     "buffers_held",
     "forget_buffers",
+    "island_saves",
     "keep_finite",
     "kept_buffers",
     "own_stream",
@@ -184,3 +190,32 @@ def own_stream(
         generator = torch.random.default_generator
         key = hash((zlib.crc32(generator.get_state().numpy()), stream, version))
     generator.manual_seed(key & (2**63 - 1))
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    # Detached: a saved output kept with its own grad_fn is a reference cycle through C++
+    # that nothing frees (a Tanh's output, every step). Unpacking restores its autograd links.
+    return tensor.detach()
+
+
+def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:
+    """Around a kernel's call before ACTIVE: the tensors its graph saves are kept as they are,
+    past any saved-tensor hooks of the caller's (activation checkpointing's, non-reentrant).
+
+    That graph is an island (the kernel sees ``x.detach()``) whose backward the seed's guard
+    runs in an engine call of its own. Checkpointing would drop what it saves and recompute the
+    region when the outer backward first needs one of its tensors; an unpack from the island's
+    own engine call is another graph task, so each slot's island re-ran the whole region once
+    more (host side effects included: a BatchNorm's statistics), and a kernel that saved a
+    tensor and then raised left the recompute (which no longer calls a seed the fault
+    quarantined) one tensor short (``CheckpointError``). Kept, the island's tensors live until
+    its backward (a seed's kernel is small beside the host). An ACTIVE seed's graph is the
+    host's: the caller's hooks apply. Nothing is pushed without a caller's hooks or compiled."""
+    if (
+        active
+        or torch.compiler.is_compiling()
+        or torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+    ):
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)

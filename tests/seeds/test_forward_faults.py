@@ -579,3 +579,43 @@ def test_a_sequence_first_batch_of_one_is_sat_out_too() -> None:
     assert seed.faults == 0 and seed.stage == S.ISOLATED_INIT
     layer(torch.randn(5, 3, 6)).sum().backward()
     assert seed.faults == 0 and seed.kernel.norm.running_mean.abs().sum() > 0  # it ran
+
+
+class SetsGradMode(nn.Module):
+    """Calls ``torch.set_grad_enabled(enabled)`` as a function (it stays set: no block), then
+    works, or raises (``raises``): a kernel that leaves the global grad mode changed."""
+
+    def __init__(self, width: int, enabled: bool, raises: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.enabled, self.raises = enabled, raises
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.set_grad_enabled(self.enabled)
+        if self.raises:
+            raise RuntimeError("failed after changing grad mode")
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize("stage", RUNNING, ids=lambda s: s.name)
+def test_a_kernel_that_leaves_grad_mode_changed_has_it_put_back(
+    x: torch.Tensor, stage: SeedStage, raises: bool
+) -> None:
+    """A kernel that turns grad off in a training forward: the host's layers after the slot
+    recorded no graph and its backward raised. Grad mode is put back after the kernel's call,
+    so the host's step completes; one that turns grad on in a validation forward under
+    ``no_grad`` leaves the host's later layers recording nothing either."""
+    net = Net(make_seed(SetsGradMode(C, enabled=False, raises=raises), stage))
+    before = {n: p.detach().clone() for n, p in net.host_parameters().items()}
+    train_step(net, x)  # the host's backward and step complete
+    assert torch.is_grad_enabled()
+    # Upstream gets a gradient through the host's chunk (a fault, the straight-through
+    # incubate); the kernel's output, made with grad off, passes it none.
+    upstream = {"up.weight", "up.bias"} if raises or stage == SeedStage.ISOLATED_INIT else set()
+    assert_host_trained(net, before, upstream | {"down.weight", "down.bias"})
+    net.seed.kernel.enabled = True
+    with torch.no_grad():
+        out = net(x)
+        assert not torch.is_grad_enabled()
+    assert not out.requires_grad
