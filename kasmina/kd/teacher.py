@@ -88,6 +88,8 @@ class CheckpointedTeacher:
     ``nn.Module`` on purpose: assigning it to a student never registers the teacher's weights.
     """
 
+    TRAIN_MODE_WARNING_EVERY = 100  # a forward finding train mode warns the first, every 100th
+
     def __init__(
         self,
         model: nn.Module,
@@ -130,6 +132,7 @@ class CheckpointedTeacher:
         teacher.eval()
         for param in teacher.parameters():
             param.requires_grad_(False)
+        self.train_mode_count = 0  # forwards that found it (or a module of it) in train mode
         self.output_dtype = output_dtype
         first = next(iter(teacher.parameters()), None)
         self.dtype = dtype or (first.dtype if first is not None else torch.float32)
@@ -201,7 +204,10 @@ class CheckpointedTeacher:
         shared with a student, whose ``train()`` switched it): a forward in train mode draws
         dropout and moves the batch-norm statistics the teacher is frozen at."""
         if any(module.training for module in self.teacher.modules()):
-            logger.warning("teacher was switched to train mode; returning it to eval mode")
+            self.train_mode_count += 1  # a loop's ``model.train()`` each step: logged rarely
+            level = rarely(self.train_mode_count, self.TRAIN_MODE_WARNING_EVERY)
+            msg = "teacher was switched to train mode (%d times); returning it to eval mode"
+            logger.log(level, msg, self.train_mode_count)
             self.teacher.eval()
 
     def _run(self, input_batch: TeacherInput) -> torch.Tensor:

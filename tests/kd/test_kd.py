@@ -168,6 +168,23 @@ def test_a_module_of_the_teacher_switched_to_train_is_put_back_in_eval(
     assert "returning it to eval mode" in caplog.text
 
 
+def test_a_teacher_switched_to_train_each_step_warns_rarely(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A loop calling ``model.train()`` each step over a shared module put a warning in the log
+    at every teacher forward: the first and every ``TRAIN_MODE_WARNING_EVERY``-th warn."""
+    encoder = nn.Sequential(nn.Linear(IN, IN), nn.Dropout(0.5))
+    teacher = CheckpointedTeacher(_SharedEncoder(encoder), dtype=None, copy_model=False)
+    student = nn.Sequential(encoder, nn.Linear(IN, CLASSES))
+    every = CheckpointedTeacher.TRAIN_MODE_WARNING_EVERY
+    with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
+        for _ in range(every):
+            student.train()
+            teacher(inputs(2))
+    warned = [r for r in caplog.records if "returning it to eval mode" in r.getMessage()]
+    assert len(warned) == 2 and teacher.train_mode_count == every
+
+
 def test_a_model_one_teacher_holds_in_place_is_refused_to_another_until_let_go() -> None:
     """Two teachers of one model in place each cast it under its own lock: the second's dtype
     recast the first's live teacher (its next forward raised a dtype mismatch), and either's fp32
