@@ -54,6 +54,9 @@ _STALE_MESSAGE = (
     "graph is dropped, no fault charged [%d so far]: %s: %s"
 )
 
+# Autograd's words refusing a graph whose saved tensor was written in place after the forward.
+_STALE_WORDS = "modified by an inplace operation"
+
 # PyTorch's own words for a backward through a graph an earlier one freed.
 _FREED_MESSAGE = (
     "Trying to backward through the graph a second time: seeds' graphs were freed by an "
@@ -182,8 +185,9 @@ class _Island:
             try:
                 got = engine_grad([output], params, [grad])
             except Exception as exc:  # the kernel's own backward failed: contained
-                if any(self.params[j]._version != self.versions[j] for j in group) or (
-                    self.inputs and self.inputs[i]._version != self.input_versions[i]
+                if _STALE_WORDS in str(exc) and (
+                    any(self.params[j]._version != self.versions[j] for j in group)
+                    or (self.inputs and self.inputs[i]._version != self.input_versions[i])
                 ):
                     # Its weights were changed in place after this forward: autograd refuses
                     # the stale graph. By the caller (an optimizer step, then a second backward
@@ -191,7 +195,8 @@ class _Island:
                     # in place, the slot run twice before one backward): which, no version
                     # tells. Or its input was, by the model (``inputs``). So no fault is
                     # charged and the host's backward completes; the seed's gradient from this
-                    # graph is dropped, and that is logged.
+                    # graph is dropped, and that is logged. Only autograd's own refusal of the
+                    # stale graph: anything else the kernel's backward raised is its fault.
                     n = next(_STALE_GRAPHS)
                     logger.log(rarely(n, 1000), _STALE_MESSAGE, n, type(exc).__name__, exc)
                     continue

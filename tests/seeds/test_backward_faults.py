@@ -251,3 +251,21 @@ def test_a_host_activation_written_in_place_after_the_seed_ran_is_no_fault(
     assert all(p.grad is None for s in seeds for p in s.kernel.parameters())
     if stage == S.ISOLATED_INIT:  # the straight-through incubate passes the host's gradient
         assert up.weight.grad is not None and torch.isfinite(up.weight.grad).all()
+
+
+@pytest.mark.parametrize("stage", [S.GRAFTING, S.STABILIZATION], ids=lambda s: s.name)
+def test_a_kernel_whose_backward_raises_is_charged_though_its_input_was_written_after(
+    stage: SeedStage,
+) -> None:
+    """Only autograd's refusal of the stale graph is the model's doing: a kernel whose backward
+    raises anything else, on an activation the model later writes in place (a ``ReLU(inplace=
+    True)`` after an ``Identity`` hook point), was taken as stale too, never charged and never
+    quarantined, its gradient silently dropped every step."""
+    seed = make_seed(RaisesInBackward(C), stage, fault_limit=3)
+    up = nn.Linear(4, C)
+    for _ in range(3):
+        h = up(torch.randn(BATCH, 4))
+        loss = seed(h).pow(2).sum()
+        h.mul_(2.0)
+        loss.backward()
+    assert seed.faults == 3 and seed.stage == S.QUARANTINE
