@@ -179,13 +179,18 @@ def _row_offset(row, R1, off, st0, st1):
 @triton.jit
 def _kd_fwd_kernel(
     s_ptr, t_ptr, mask_ptr, loss_ptr, stats_ptr, V, R1,
-    s_off, s_st0, s_st1, t_off, t_st0, t_st1, k, loss_factor,
+    s_off, s_st0, s_st1, t_off, t_st0, t_st1, k, loss_factor, params_ptr,
     HAS_MASK: tl.constexpr, WRITE_STATS: tl.constexpr, ALIGN_S: tl.constexpr,
     ALIGN_T: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr, MERGED: tl.constexpr,
+    DEVICE_PARAMS: tl.constexpr,
 ):  # fmt: skip
-    """One program per row. ``k = log2(e)/T``, ``loss_factor = T²·ln2``. Writes the row loss
-    and, with ``WRITE_STATS``, ``(-M_a, -M_b, Z_a, Z_b)``."""
+    """One program per row. ``k = log2(e)/T``, ``loss_factor = T²·ln2`` (with
+    ``DEVICE_PARAMS``, loaded from ``params_ptr``). Writes the row loss and, with
+    ``WRITE_STATS``, ``(-M_a, -M_b, Z_a, Z_b)``."""
     row = tl.program_id(0).to(tl.int64)
+    if DEVICE_PARAMS:
+        k = tl.load(params_ptr)
+        loss_factor = tl.load(params_ptr + 1)
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
     else:
@@ -281,14 +286,18 @@ def _bwd_step(s, t, k, neg_ma, c_a, neg_mb, c_b):
 @triton.jit
 def _kd_bwd_kernel(
     s_ptr, t_ptr, g_ptr, mask_ptr, stats_ptr, go_ptr, scale_ptr, V, R1,
-    s_off, s_st0, s_st1, t_off, t_st0, t_st1, g_off, g_st0, g_st1, k, c_host,
+    s_off, s_st0, s_st1, t_off, t_st0, t_st1, g_off, g_st0, g_st1, k, c_host, params_ptr,
     HAS_MASK: tl.constexpr, PER_ROW: tl.constexpr, HAS_SCALE: tl.constexpr,
     ALIGN_S: tl.constexpr, ALIGN_T: tl.constexpr, ALIGN_G: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, DEVICE_PARAMS: tl.constexpr,
 ):  # fmt: skip
     """One program per row: ``g = c·(p_s - p_t)`` with ``c = c_host·grad_output[·scale]``
-    (``c_host = T`` times the reduction's host-known factor), all in fp32, one rounding."""
+    (``c_host = T`` times the reduction's host-known factor), all in fp32, one rounding. With
+    ``DEVICE_PARAMS``, ``k`` and ``c_host`` are loaded from ``params_ptr``."""
     row = tl.program_id(0).to(tl.int64)
+    if DEVICE_PARAMS:
+        k = tl.load(params_ptr)
+        c_host = tl.load(params_ptr + 1)
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
     else:
@@ -396,11 +405,24 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tens
         _check_buffer("mask", mask, tuple(student.shape[:-1]), student, torch.bool)
 
 
+def _params(
+    temperature: float | torch.Tensor, log2e: float, factor: float | torch.Tensor
+) -> tuple[float, float, torch.Tensor | None]:
+    """``(k, factor, None)`` for a float temperature (kernel arguments, as ever); for a 0-d
+    float64 device tensor (``torch.compile`` passes one: a float argument would be guarded by
+    value), ``(0, 0, params)`` with ``params = [k, factor]`` in fp32 on the device, rounded
+    from float64 as the host rounds a float argument: the same kernel values, and no host
+    read (no sync)."""
+    if not isinstance(temperature, torch.Tensor):
+        return log2e / temperature, float(factor), None
+    return 0.0, 0.0, torch.stack((log2e / temperature, factor)).to(torch.float32)
+
+
 def kd_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     mask: torch.Tensor | None,
-    temperature: float,
+    temperature: float | torch.Tensor,
     reduction: str,
     need_grad: bool,
     *,
@@ -452,12 +474,13 @@ def kd_forward(
         plan = plan_rows([s, t])
         assert plan is not None  # readable_rows guarantees a two-dim row layout
         ((s_b, s_off, s_st0, s_st1), (t_b, t_off, t_st0, t_st1)), r1, vec, aligned = plan
+        k, factor, params = _params(temperature, LOG2E, temperature * temperature * LN2)
         with on_device(student.device):
             _kd_fwd_kernel[(rows,)](
                 s_b, t_b, s_b if flat_mask is None else flat_mask, loss_rows_out,
                 stats_out if need_grad else loss_rows_out, vocab, r1,
-                s_off, s_st0, s_st1, t_off, t_st0, t_st1,
-                LOG2E / temperature, temperature * temperature * LN2,
+                s_off, s_st0, s_st1, t_off, t_st0, t_st1, k, factor,
+                s_b if params is None else params, DEVICE_PARAMS=params is not None,
                 HAS_MASK=flat_mask is not None, WRITE_STATS=need_grad, ALIGN_S=aligned[0],
                 ALIGN_T=aligned[1], VEC=vec, BLOCK_V=block_v or default_block_v(vocab),
                 MERGED=not interpreting() if merged is None else merged, num_warps=NUM_WARPS,
@@ -479,7 +502,7 @@ def kd_backward(
     stats: torch.Tensor,
     scale: torch.Tensor | None,
     grad_output: torch.Tensor,
-    temperature: float,
+    temperature: float | torch.Tensor,
     reduction: str,
     *,
     out: torch.Tensor | None = None,
@@ -530,11 +553,12 @@ def kd_backward(
         # per step. Scalar loads keep the whole loop in one layout.
         aligned = [False, False, False]
     c_host = temperature * host_scale(reduction, rows, vocab, mask is not None)
+    k, c_host, params = _params(temperature, LOG2E, c_host)
     with on_device(student.device):
         _kd_bwd_kernel[(rows,)](
             sa[0], ta[0], ga[0], sa[0] if mask is None else row_vector(mask), stats, grad_output,
             scale if has_scale else stats, vocab, r1, *sa[1:], *ta[1:], *ga[1:],
-            LOG2E / temperature, c_host,
+            k, c_host, stats if params is None else params, DEVICE_PARAMS=params is not None,
             HAS_MASK=mask is not None, PER_ROW=per_row, HAS_SCALE=has_scale, ALIGN_S=aligned[0],
             ALIGN_T=aligned[1], ALIGN_G=aligned[2], VEC=vec,
             BLOCK_V=block_v or default_block_v(vocab, BWD_BLOCK_V), num_warps=NUM_WARPS,

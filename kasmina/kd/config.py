@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kasmina.ops.kd_loss import REDUCTIONS
+from kasmina.ops.kd_oracle import REDUCTIONS
 from kasmina.utils.checks import check_positive, check_real
 
 __all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "KDConfig", "check_seed_kd"]

@@ -14,7 +14,8 @@ from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_cut
 from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.ops.fused_linear_kd import fused_linear_kd_loss, head_factor
-from kasmina.ops.kd_loss import kd_kl_loss, kd_kl_loss_reference
+from kasmina.ops.kd_loss import kd_kl_loss
+from kasmina.ops.kd_oracle import kd_kl_loss_reference
 from kasmina.ops.transforms import in_compiled_transform
 from kasmina.utils.checks import check_positive_int
 

@@ -26,6 +26,8 @@ Beside them:
   forward and gradients, the ``reduction="none"`` backward that recomputes each chunk.
 - ``kd_layout`` -- the layout of ``kd_kl_loss``'s student gradient, shared by both backends and
   the compile-time fake.
+- ``kd_oracle`` -- ``kd_kl_loss_reference``, the plain-torch ``kd_kl_loss`` (the test oracle,
+  and the loss inside a compiled ``torch.func`` transform), and the reductions ``REDUCTIONS``.
 - ``kd_tangent`` / ``blend_tangent`` -- the forward-mode rules (``torch.func.jvp``, ``jacfwd``)
   of ``kd_kl_loss`` and ``alpha_blend``: the transposes of their backwards.
 - ``transforms`` -- the eager Functions' support for higher order (a backward that records no
@@ -49,7 +51,8 @@ from kasmina.ops.grad_norms import (
     leak_check,
     leak_check_reference,
 )
-from kasmina.ops.kd_loss import kd_kl_loss, kd_kl_loss_reference
+from kasmina.ops.kd_loss import kd_kl_loss
+from kasmina.ops.kd_oracle import kd_kl_loss_reference
 from kasmina.ops.lifecycle import (
     lifecycle_tick,
     lifecycle_tick_reference,

@@ -78,7 +78,7 @@ from kasmina.ops.fused_linear_kd_chunks import (
     _spent_views,
     default_chunk_rows,
 )
-from kasmina.ops.kd_loss import REDUCTIONS, kd_kl_loss_reference
+from kasmina.ops.kd_oracle import REDUCTIONS, kd_kl_loss_reference
 from kasmina.ops.transforms import first_order_backward, functorch_active
 from kasmina.utils.checks import check_positive, check_positive_int
 

@@ -35,7 +35,9 @@ same two implementations.
 
 The loss is returned in float32 (it is accumulated in fp32; rounding a scalar to bf16 would only
 lose digits). Student and teacher may have different float dtypes (e.g. a bf16 teacher);
-``temperature`` must be a real number in [1e-18, 1e4] (``check_temperature``).
+``temperature`` must be a real number in [1e-18, 1e4] (``check_temperature``). Under
+``torch.compile`` it is a 0-d float64 tensor input of the custom op (a float argument would be
+guarded by value: a temperature schedule would recompile each call); eager calls keep the float.
 
 The backward is once-differentiable (``first_order_backward``): under ``create_graph=True`` its
 first-order gradients are exact, and a second backward through them (a gradient penalty)
@@ -64,6 +66,7 @@ from kasmina.ops.backend import (
     use_triton,
 )
 from kasmina.ops.kd_layout import grad_strides, new_grad
+from kasmina.ops.kd_oracle import REDUCTIONS, kd_kl_loss_reference
 from kasmina.ops.kd_tangent import kd_loss_tangent, probability_difference
 from kasmina.ops.transforms import (
     first_order_backward,
@@ -82,65 +85,13 @@ __all__ = [
     "kd_forward_reference",
     "kd_scale_grad_reference",
     "kd_kl_loss",
-    "kd_kl_loss_reference",
 ]
 
-# The launcher (kasmina.kernels.kd_loss) repeats REDUCTIONS and _host_scale, as it imports no
-# kasmina and this CPU path loads no Triton: tests/ops/test_kd_loss_kernels.py pins them equal.
-REDUCTIONS = ("none", "sum", "mean", "batchmean")
+# The launcher (kasmina.kernels.kd_loss) repeats REDUCTIONS (kd_oracle) and _host_scale, as it
+# imports no kasmina and this CPU path loads no Triton: tests/ops/test_kd_loss_kernels.py pins
+# them equal.
 LOG2E = 1.4426950408889634
 LN2 = math.log(2.0)
-
-
-# --------------------------------------------------------------------------- oracle
-
-
-def _denominator(reduction: str, kept: Tensor | int, vocab: int) -> Tensor | int:
-    """What ``mean``/``batchmean`` divide by; at least 1 so an all-masked batch gives 0."""
-    rows = kept.clamp(min=1) if isinstance(kept, Tensor) else max(kept, 1)
-    return rows * vocab if reduction == "mean" else rows
-
-
-def _reduce(rows: Tensor, reduction: str, kept: Tensor | int, vocab: int) -> Tensor:
-    """Apply ``reduction`` to per-row losses; ``kept`` is the number of rows kept by the mask."""
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total if reduction == "sum" else total / _denominator(reduction, kept, vocab)
-
-
-def kd_kl_loss_reference(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "batchmean",
-    mask: Tensor | None = None,
-) -> Tensor:
-    """Plain-torch ``kd_kl_loss``: the test oracle (differentiable by autograd).
-
-    Computes in at least fp32 and returns that dtype; materialises the probabilities (clarity
-    first). ``0 · log 0`` terms (teacher probability exactly 0) count as 0, as in ``F.kl_div``;
-    NaN propagates. An unknown ``reduction`` or a temperature outside [1e-18, 1e4] is a
-    ``ValueError``, as for the op.
-    """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    t_ = check_temperature("temperature", temperature)
-    work = torch.promote_types(student_logits.dtype, torch.float32)
-    lead = student_logits.shape[:-1]
-    vocab = student_logits.shape[-1]
-    s = student_logits.to(work).reshape(-1, vocab)
-    t = teacher_logits.detach().to(work).reshape(-1, vocab)
-    keep = None if mask is None else mask.reshape(-1, 1)
-    if keep is not None:  # a dropped row is two equal rows of zeros: its KL is exactly 0 and no
-        s, t = s.where(keep, 0.0), t.where(keep, 0.0)  # gradient of it (no shape read: compiles)
-    log_ps = torch.log_softmax(s / t_, dim=-1)
-    log_pt = torch.log_softmax(t / t_, dim=-1)
-    p_t = log_pt.exp()
-    kl = torch.where(p_t == 0, torch.zeros_like(p_t), p_t * (log_pt - log_ps)).sum(-1)
-    rows = kl * (t_ * t_)
-    kept = keep.sum() if keep is not None else rows.numel()
-    return _reduce(rows.reshape(lead), reduction, kept, vocab)
 
 
 # --------------------------------------------------------------------------- CPU path
@@ -155,7 +106,7 @@ def _host_scale(reduction: str, rows: int, vocab: int, masked: bool) -> float:
 
 
 def _rows(
-    student: Tensor, teacher: Tensor, work: torch.dtype, k: float, careful: bool
+    student: Tensor, teacher: Tensor, work: torch.dtype, k: float | Tensor, careful: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row ``KL / ln2`` and ``(-M_a, -M_b, Z_a, Z_b)`` (each ``[..., 1]``) in base 2, ``M``
     the raw maximum logit of the row, ``Z = Σ 2^((x - M)·k)``, and ``KL / ln2 = k·X/Z_b +
@@ -200,7 +151,11 @@ def _rows(
 
 
 def _loss_rows(
-    student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    temperature: float | Tensor,
+    reduction: str,
 ) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
     """``(loss, kept, rows)``: the reduced loss (divided by the device-side ``rows_kept`` when
     a mask meets ``mean``/``batchmean``), that count (or None) and ``_rows``'s other results,
@@ -234,7 +189,7 @@ def kd_forward_reference(
     student: Tensor,
     teacher: Tensor,
     mask: Tensor | None,
-    temperature: float,
+    temperature: float | Tensor,
     reduction: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -246,7 +201,8 @@ def kd_forward_reference(
     count is kept low: only when the loss holds a NaN (an infinite logit, or a NaN input) are
     the rows recomputed in the careful form, which a host read decides (free on a CPU; tensors
     on another device, CUDA ones forced onto the reference, always take the careful form, so
-    that nothing syncs). Eager autograd on a CPU uses
+    that nothing syncs). A compiled call on such a device passes ``temperature`` as a 0-d
+    tensor, which stays one (the same torch ops; no read). Eager autograd on a CPU uses
     ``kd_forward_grad_reference`` instead (the gradient from the same exponentials).
     """
     loss, kept, (neg_ma, neg_mb, z_a, z_b, _, _) = _loss_rows(
@@ -315,7 +271,7 @@ def kd_backward_reference(
     stats: Tensor,
     scale: Tensor | None,
     grad_output: Tensor,
-    temperature: float,
+    temperature: float | Tensor,
     reduction: str,
 ) -> Tensor:
     """The CPU path's backward, as ``kasmina.kernels.kd_loss.kd_backward``: ``(p_s - p_t)·c``
@@ -365,12 +321,19 @@ def _kernels():
     return kernels
 
 
+def _on_host(temperature: Tensor) -> float | Tensor:
+    """A compiled call's 0-d temperature as the float the eager path has where reading it is
+    free (a CPU tensor); a device one stays on the device (a read would sync)."""
+    return temperature.item() if temperature.device.type == "cpu" else temperature
+
+
 def kd_forward_impl(
-    student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float, reduction: str,
-    need_grad: bool,
+    student: Tensor, teacher: Tensor, mask: Tensor | None, temperature: float | Tensor,
+    reduction: str, need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(loss, stats, scale)``: ``stats`` is empty without ``need_grad``, ``scale`` is empty
-    unless a mask meets ``mean``/``batchmean`` with ``need_grad``."""
+    unless a mask meets ``mean``/``batchmean`` with ``need_grad``. ``temperature`` is a float,
+    or (compiled) a 0-d float64 tensor."""
     if use_triton(student.device):
         return _kernels().kd_forward(student, teacher, mask, temperature, reduction, need_grad)
     return kd_forward_reference(student, teacher, mask, temperature, reduction, need_grad)
@@ -378,7 +341,7 @@ def kd_forward_impl(
 
 def kd_backward_impl(
     student: Tensor, teacher: Tensor, mask: Tensor | None, stats: Tensor, scale: Tensor,
-    grad_output: Tensor, temperature: float, reduction: str,
+    grad_output: Tensor, temperature: float | Tensor, reduction: str,
 ) -> Tensor:  # fmt: skip
     """The student gradient, a fresh tensor with ``grad_strides(student)``."""
     if use_triton(student.device):
@@ -477,12 +440,14 @@ def _kd_op(
     temperature: float,
     reduction: str,
     need_grad: bool,
+    temperature_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return kd_forward_impl(student, teacher, mask, temperature, reduction, need_grad)
+    temp = temperature if temperature_t is None else _on_host(temperature_t)
+    return kd_forward_impl(student, teacher, mask, temp, reduction, need_grad)
 
 
 @_kd_op.register_fake
-def _kd_fake(student, teacher, mask, temperature, reduction, need_grad):
+def _kd_fake(student, teacher, mask, temperature, reduction, need_grad, temperature_t=None):
     lead = student.shape[:-1]
     loss = student.new_empty(lead if reduction == "none" else (), dtype=torch.float32)
     stats = student.new_empty((*lead, 4) if need_grad else (0,), dtype=torch.float32)
@@ -501,33 +466,33 @@ def _kd_backward_op(
     grad_output: Tensor,
     temperature: float,
     reduction: str,
+    temperature_t: Tensor | None = None,
 ) -> Tensor:
-    return kd_backward_impl(
-        student, teacher, mask, stats, scale, grad_output, temperature, reduction
-    )
+    temp = temperature if temperature_t is None else _on_host(temperature_t)
+    return kd_backward_impl(student, teacher, mask, stats, scale, grad_output, temp, reduction)
 
 
 @_kd_backward_op.register_fake
-def _kd_backward_fake(student, teacher, mask, stats, scale, grad_output, temperature, reduction):
+def _kd_backward_fake(student, teacher, mask, stats, scale, grad_output, *_args):
     return new_grad(student)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    student, teacher, mask, temperature, reduction, _ = inputs
+    student, teacher, mask, temperature, reduction, _, temperature_t = inputs
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # the stats and scale outputs get no gradient
-    ctx.save_for_backward(student, teacher, mask, output[1], output[2])
+    ctx.save_for_backward(student, teacher, mask, output[1], output[2], temperature_t)
     ctx.temperature, ctx.reduction = temperature, reduction
 
 
 def _op_backward(ctx, grad_loss: Tensor | None, _grad_stats=None, _grad_scale=None):
     if grad_loss is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
-    student, teacher, mask, stats, scale = ctx.saved_tensors
+        return None, None, None, None, None, None, None
+    student, teacher, mask, stats, scale, temp_t = ctx.saved_tensors
     grad = torch.ops.kasmina.kd_kl_loss_backward(
-        student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction
+        student, teacher, mask, stats, scale, grad_loss, ctx.temperature, ctx.reduction, temp_t
     )
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 _kd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -583,6 +548,13 @@ def kd_kl_loss(
     teacher = teacher_logits.detach()
     if function:  # the backward saves them
         teacher, mask = saveable(teacher), saveable(mask)
+    if torch.compiler.is_compiling() and through_dispatcher() and not in_compiled_transform():
+        # A temperature that changes between calls (a schedule) is traced as an input: a 0-d
+        # float64 tensor (exact), where the op's float argument guarded its value, a recompile
+        # each (then the limit); ``scalar_tensor``/``full`` guard the value too.
+        one = torch.ones((), dtype=torch.float64, device=student_logits.device)
+        temp_t = one.mul(temperature)
+        return _kd_op(student_logits, teacher, mask, 1.0, reduction, need_grad, temp_t)[0]
     temperature = float(temperature)
     if in_compiled_transform():  # plain torch ops: neither the custom op nor a Function serves
         return kd_kl_loss_reference(student_logits, teacher, temperature, reduction, mask)

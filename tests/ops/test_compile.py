@@ -240,6 +240,43 @@ def test_a_compiled_blend_takes_a_changing_float_alpha_without_recompiling(
 
 
 @pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
+@pytest.mark.parametrize("reduction, masked", [("batchmean", True), ("none", False)])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf lanes
+def test_a_compiled_kd_loss_takes_a_changing_temperature_without_recompiling(
+    request: pytest.FixtureRequest, kernels: str, reduction: str, masked: bool
+) -> None:
+    """A temperature schedule (a float changing between calls) was guarded by value, as the
+    custom op's float argument: one recompile per value, and past TorchDynamo's
+    ``recompile_limit`` (8) a ``fullgraph`` compile raised. Now it is traced as an input: the
+    frame compiles twice (the first call specialises), the backward graph takes it as well,
+    and each value gives eager's loss and gradient."""
+    request.getfixturevalue(kernels)
+    torch._dynamo.reset()
+    graphs: list[GraphModule] = []
+
+    def step(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        return kd_kl_loss(student, teacher, temperature, reduction, mask)
+
+    compiled = torch.compile(step, fullgraph=True, backend=recording_backend(graphs))
+    g = torch.Generator().manual_seed(6)
+    student = torch.randn(3, 8, generator=g).requires_grad_()
+    teacher = torch.randn(3, 8, generator=g)
+    mask = torch.tensor([True, False, True]) if masked else None
+    weights = torch.rand(3, generator=g)  # a per-row grad_output for "none"
+    for temperature in (1.0, 0.7, 1.3, 2.0, 3.1, 4.5):
+        out = compiled(student, teacher, temperature)
+        (got,) = torch.autograd.grad((out * weights).sum(), student)
+        want_out = kd_kl_loss(student, teacher, temperature, reduction, mask)
+        (want,) = torch.autograd.grad((want_out * weights).sum(), student)
+        torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+        torch.testing.assert_close(got, want)
+    assert len(graphs) <= 4  # at most two compiles, each a forward and a backward graph
+    assert "kasmina.kd_kl_loss_backward" in ops_in(graphs[-1])
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kernels", ["reference_backend", "triton_backend"])
 @pytest.mark.parametrize("where", ["FakeTensorMode", "meta"])
 def test_every_op_gives_shapes_on_fake_and_meta_tensors(
     request: pytest.FixtureRequest, kernels: str, where: str

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from kasmina.ops import kd_kl_loss
-from kasmina.ops.kd_loss import REDUCTIONS as OP_REDUCTIONS
 from kasmina.ops.kd_loss import _host_scale, kd_forward_reference
+from kasmina.ops.kd_oracle import REDUCTIONS as OP_REDUCTIONS
 from tests.ops.bench_smoke import gpu_bench_smoke_rows
 from tests.ops.kd_helpers import KERNEL_WARNINGS, _gen
 from tests.ops.kd_loss_helpers import NINF, _close, _logits, _oracle
