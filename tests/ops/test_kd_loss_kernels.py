@@ -144,6 +144,34 @@ def test_no_statistics_without_grad(backend):
     assert stats.shape == (4, 4) and scale.shape == () and scale.item() == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize(("reduction", "masked"), [("batchmean", True), ("none", False)])
+def test_a_temperature_tensor_gives_the_float_results(backend, reduction, masked):
+    """A compiled ``kd_kl_loss`` passes its temperature as a 0-d float64 tensor on the logits'
+    device (a float argument would be guarded by value). The kernels then load ``log2(e)/T``
+    and its factors from the device: exactly the float's results. The torch path computes
+    with the tensor (a CUDA one is never read on the host; a CPU one the op reads, free): the
+    float's loss, and its gradient up to the rounding of ``c = T·scale·grad_output``, formed
+    in float64 there."""
+    from kasmina.ops.kd_loss import kd_backward_reference
+
+    student, teacher = _logits((3, 37), seed=8)
+    mask = torch.tensor([True, False, True]) if masked else None
+    temperature = 0.7  # log2(e)/T and T² round differently in fp32 than in float64
+    tensor_t = torch.tensor(temperature, dtype=torch.float64)
+    forward = kernels.kd_forward if backend == "triton" else kd_forward_reference
+    backward = kernels.kd_backward if backend == "triton" else kd_backward_reference
+    want = forward(student, teacher, mask, temperature, reduction, True)
+    got = forward(student, teacher, mask, tensor_t, reduction, True)
+    kept = slice(None) if mask is None else mask  # a masked row's stats are not written
+    for g, w in ((got[0], want[0]), (got[1][kept], want[1][kept]), (got[2], want[2])):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    go = torch.rand(want[0].shape, generator=_gen(8)) + 0.5
+    grad_want = backward(student, teacher, mask, *want[1:], go, temperature, reduction)
+    grad_got = backward(student, teacher, mask, *want[1:], go, tensor_t, reduction)
+    exact = {"atol": 0, "rtol": 0} if backend == "triton" else {}
+    torch.testing.assert_close(grad_got, grad_want, **exact)
+
+
 def test_launcher_and_op_agree_on_reductions_and_host_scale() -> None:
     """The launcher imports nothing of kasmina and the op's CPU path loads no Triton
     (docs/design.md §1), so each keeps the reduction names and the host part of the scale:
