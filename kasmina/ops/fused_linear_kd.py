@@ -52,7 +52,10 @@ Eager calls go through a ``torch.autograd.Function``; under ``torch.compile`` th
 custom op ``kasmina::fused_linear_kd_loss`` (and, for its backward,
 ``kasmina::fused_linear_kd_spend_`` for scalar reductions and
 ``kasmina::fused_linear_kd_loss_backward`` for ``reduction="none"``), with fake
-implementations and ``register_autograd``; both paths call the same implementation. Hidden
+implementations and ``register_autograd``; both paths call the same implementation. The ops
+take the temperature as a 0-d float64 tensor (a float argument would be guarded by value: a
+temperature schedule would recompile each call); the logit scales and soft-caps are still
+floats, guarded by value (they are a model's constants, not a schedule). Hidden
 states that cannot be viewed as ``[rows, H]`` are copied (hidden-sized); teacher logits that
 cannot be viewed as ``[rows, V]`` are gathered one chunk at a time. A ``[V, 0]`` head (hidden
 size 0) gives logits equal to the bias and empty hidden and weight gradients of their shapes.
@@ -63,6 +66,7 @@ gradients under ``create_graph=True`` are exact, and a second backward through t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -78,6 +82,7 @@ from kasmina.ops.fused_linear_kd_chunks import (
     _spent_views,
     default_chunk_rows,
 )
+from kasmina.ops.kd_loss import _on_host
 from kasmina.ops.kd_oracle import REDUCTIONS, kd_kl_loss_reference
 from kasmina.ops.transforms import first_order_backward, functorch_active
 from kasmina.utils.checks import check_positive, check_positive_int
@@ -205,7 +210,7 @@ _HEADS = (
 )
 # A row count no budget reaches: the default chunk of a traced call whose count is symbolic.
 _ANY_ROWS = 1 << 62
-_SETTINGS = f"float temperature, str reduction, SymInt chunk_rows, {_HEADS}"
+_SETTINGS = f"Tensor temperature, str reduction, SymInt chunk_rows, {_HEADS}"
 _N_INPUTS = 8
 _N_ARGS = _N_INPUTS + len(_SETTINGS.split(","))  # the forward op's
 
@@ -216,7 +221,7 @@ _N_ARGS = _N_INPUTS + len(_SETTINGS.split(","))  # the forward op's
     schema=f"({_INPUTS}, {_SETTINGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _fused_op(*args: Any) -> tuple[Tensor, ...]:
-    outputs = _forward(*args[:_N_INPUTS], _Config(*args[_N_INPUTS:]))
+    outputs = _forward(*args[:_N_INPUTS], _run_config(args[_N_INPUTS:]))
     return (*outputs, torch.zeros((), dtype=torch.bool))  # not spent yet (a CPU marker)
 
 
@@ -240,6 +245,14 @@ def _fused_fake(*args):
     return loss, grad_h, acc_w, acc_b, scale, stats, spent
 
 
+def _run_config(settings: tuple[Any, ...]) -> _Config:
+    """An op body's ``_Config``: its 0-d temperature tensor (a float argument would be guarded
+    by value, a recompile per value of a schedule) read where that is free (a CPU one), else
+    kept on the device for the kernels to load."""
+    cfg = _Config(*settings)
+    return dataclasses.replace(cfg, temperature=_on_host(cfg.temperature))
+
+
 def _backward_cfg(settings: tuple[Any, ...]) -> _Config:
     """The backward op's settings (``temperature, chunk_rows, heads...``: no reduction)."""
     temperature, chunk_rows, *heads = settings
@@ -250,13 +263,14 @@ def _backward_cfg(settings: tuple[Any, ...]) -> _Config:
     "kasmina::fused_linear_kd_loss_backward",
     mutates_args=(),
     schema=(
-        f"({_INPUTS}, Tensor stats, Tensor grad_output, float temperature, SymInt chunk_rows, "
+        f"({_INPUTS}, Tensor stats, Tensor grad_output, Tensor temperature, SymInt chunk_rows, "
         f"{_HEADS}) -> (Tensor, Tensor, Tensor)"
     ),
 )
 def _fused_backward_op(*args: Any) -> tuple[Tensor, ...]:
     stats, grad_output = args[_N_INPUTS : _N_INPUTS + 2]
     cfg = _backward_cfg(args[_N_INPUTS + 2 :])
+    cfg = dataclasses.replace(cfg, temperature=_on_host(cfg.temperature))
     return _backward_rows(*args[:_N_INPUTS], stats, grad_output, cfg)
 
 
@@ -290,7 +304,7 @@ def _spend_op(*args: Any) -> None:
     retained graph used: they are recomputed from the inputs first, as the eager path does."""
     grad_loss, grad_h, acc_w, acc_b, scale, spent = args[:6]
     inputs = args[6 : 6 + _N_INPUTS]
-    cfg = _Config(*args[6 + _N_INPUTS :])
+    cfg = _run_config(args[6 + _N_INPUTS :])
     if bool(spent):
         for buffer, value in zip((grad_h, acc_w, acc_b, scale), _recomputed(inputs, cfg),
                                  strict=True):  # fmt: skip
@@ -309,22 +323,25 @@ def _setup_context(ctx, inputs, output) -> None:
     _, grad_h, acc_w, acc_b, scale, stats, spent = output
     ctx.mark_non_differentiable(grad_h, acc_w, acc_b, scale, stats, spent)
     ctx.set_materialize_grads(False)
-    ctx.cfg = cfg
+    ctx.cfg = dataclasses.replace(cfg, temperature=None)  # a tensor: saved as one, last
     if cfg.reduction == "none":
-        ctx.save_for_backward(*inputs[:_N_INPUTS], stats)
+        ctx.save_for_backward(*inputs[:_N_INPUTS], stats, cfg.temperature)
     else:
-        ctx.save_for_backward(grad_h, acc_w, acc_b, scale, spent, *inputs[:_N_INPUTS])
+        ctx.save_for_backward(
+            grad_h, acc_w, acc_b, scale, spent, *inputs[:_N_INPUTS], cfg.temperature
+        )
 
 
 def _op_backward(ctx, grad_loss: Tensor | None, *_unused):
     nothing = (None,) * _N_ARGS
     if grad_loss is None:
         return nothing
-    cfg: _Config = ctx.cfg
+    *saved, temperature = ctx.saved_tensors
+    cfg: _Config = dataclasses.replace(ctx.cfg, temperature=temperature)
     heads = (cfg.student_scale, cfg.teacher_scale, cfg.student_cap, cfg.teacher_cap,
              cfg.need_hidden, cfg.need_weight, cfg.need_bias)  # fmt: skip
     if cfg.reduction == "none":
-        *inputs, stats = ctx.saved_tensors
+        *inputs, stats = saved
         gh, gw, gb = torch.ops.kasmina.fused_linear_kd_loss_backward(
             *inputs, stats, grad_loss, cfg.temperature, cfg.chunk_rows, *heads
         )
@@ -334,7 +351,7 @@ def _op_backward(ctx, grad_loss: Tensor | None, *_unused):
             gb if cfg.need_bias else None,
         )
     else:
-        grad_h, acc_w, acc_b, scale, spent, *inputs = ctx.saved_tensors
+        grad_h, acc_w, acc_b, scale, spent, *inputs = saved
         torch.ops.kasmina.fused_linear_kd_spend_(
             grad_loss, grad_h, acc_w, acc_b, scale, spent, *inputs, cfg.temperature,
             cfg.reduction, cfg.chunk_rows, *heads,
@@ -506,9 +523,12 @@ def fused_linear_kd_loss(
     )
     mask = keep(mask)
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
+        # The temperature is an input, a 0-d float64 tensor (exact), so that a schedule does
+        # not recompile (``scalar_tensor``/``full`` would guard the value too).
+        one = torch.ones((), dtype=torch.float64, device=student_hidden.device)
         return _fused_op(
-            student_hidden, student_weight, student_bias, *t_args, mask, temperature, reduction,
-            chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b,
+            student_hidden, student_weight, student_bias, *t_args, mask, one.mul(temperature),
+            reduction, chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b,
         )[0]  # fmt: skip
     cfg = _Config(
         temperature, reduction, chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b

@@ -70,9 +70,10 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class _Config:
-    """Everything that is not a tensor (hashable: the eager Function keeps it on ctx)."""
+    """Everything that is not a tensor (hashable: the eager Function keeps it on ctx), but a
+    traced call's temperature, a 0-d tensor on the device (see ``fused_linear_kd``)."""
 
-    temperature: float
+    temperature: float | Tensor
     reduction: str
     chunk_rows: int
     student_scale: float | None

@@ -103,10 +103,11 @@ def test_custom_ops_pass_opcheck():
     which opcheck's AOT test does with every output; the public function returns the loss
     alone, and the compile tests below run that path."""
     h, w, b, th, tw, _, _, mask = _inputs((2, 5), 8, 33, torch.float32, seed=15)
+    temp = torch.tensor(2.0, dtype=torch.float64)  # the temperature: an input, not a constant
     every = ("test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_static", "test_aot_dispatch_dynamic")  # fmt: skip
     for reduction in ("batchmean", "none"):
-        args = (h, w, b, None, th, tw, None, mask, 2.0, reduction, 4, 0.5, None, 5.0, None,
+        args = (h, w, b, None, th, tw, None, mask, temp, reduction, 4, 0.5, None, 5.0, None,
                 True, True, True)  # fmt: skip
         checks = every if reduction == "none" else every[:3]
         torch.library.opcheck(torch.ops.kasmina.fused_linear_kd_loss, args, test_utils=checks)
@@ -114,13 +115,13 @@ def test_custom_ops_pass_opcheck():
         outputs = torch.ops.kasmina.fused_linear_kd_loss(*args[:9], "sum", *args[10:])
     grad_h, acc_w, acc_b, scale, _, spent = outputs[1:]
     spend = (torch.tensor(0.5), grad_h, acc_w, acc_b, scale, spent, h.detach(), w.detach(),
-             b.detach(), None, th, tw, None, mask, 2.0, "sum", 4, 0.5, None, 5.0, None, True,
+             b.detach(), None, th, tw, None, mask, temp, "sum", 4, 0.5, None, 5.0, None, True,
              True, True)  # fmt: skip
     torch.library.opcheck(torch.ops.kasmina.fused_linear_kd_spend_, spend)
     stats = torch.rand(10, 4, generator=_gen(16)) + 1.0
     grad_output = torch.rand(2, 5, generator=_gen(17))
     args = (h.detach(), w.detach(), b.detach(), None, th, tw, None, mask, stats, grad_output,
-            2.0, 4, 0.5, None, 5.0, None, True, True, True)  # fmt: skip
+            temp, 4, 0.5, None, 5.0, None, True, True, True)  # fmt: skip
     torch.library.opcheck(torch.ops.kasmina.fused_linear_kd_loss_backward, args)
 
 
@@ -168,3 +169,63 @@ def test_compiled_backward_spends_the_accumulators_in_place_and_can_run_twice():
     assert first[1].untyped_storage().nbytes() == w.numel() * 4  # the accumulator's storage
     assert first[2].untyped_storage().nbytes() == b.numel() * 4
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_a_changing_temperature_compiles_at_most_twice(monkeypatch, backend, reduction):
+    """A temperature schedule (a float changing between calls) was guarded by value, as the
+    custom ops' float argument: one recompile per value, and past TorchDynamo's
+    ``recompile_limit`` (8) a ``fullgraph`` compile raised. Now it is traced as an input (a
+    0-d tensor): the frame compiles twice (the first call specialises), and each value gives
+    eager's loss and gradients, through the spend op (``batchmean``) and the backward op
+    (``none``)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _use_backend(monkeypatch, backend)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(h, w, b, t, temperature):
+        return fused_linear_kd_loss(
+            h, w, t, student_bias=b, temperature=temperature, reduction=reduction, chunk_rows=2
+        )
+
+    fn = torch.compile(step, fullgraph=True, backend=counter)
+    h, w, b, _, _, _, tl, _ = _inputs((5,), 8, 11, torch.float32, seed=70)
+    weights = torch.rand(5, generator=_gen(71))  # a per-row grad_output for "none"
+    for temperature in (1.0, 0.7, 1.3, 2.0, 3.1, 4.5):
+        loss = fn(h, w, b, tl, temperature)
+        got = torch.autograd.grad((loss * weights).sum(), (h, w, b))
+        want_loss = step(h, w, b, tl, temperature)
+        want = torch.autograd.grad((want_loss * weights).sum(), (h, w, b))
+        torch.testing.assert_close(loss, want_loss, atol=0, rtol=0)
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y)
+    assert counter.frame_count <= 2
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_the_chunk_engine_takes_a_temperature_tensor(monkeypatch, backend):
+    """On a GPU the ops keep the compiled call's 0-d temperature on the device (a host read
+    would sync): the chunk engine then runs the kernels (or the torch path) and the fp16
+    bound with the tensor, and gives the float's loss and gradients."""
+    _use_backend(monkeypatch, backend)
+    h, w, b, th, tw, tb, _, mask = _inputs((2, 3), 8, 11, torch.float32, seed=72)
+    inputs = (h.detach(), w.detach(), b.detach(), None, th, tw, tb, mask)
+    heads = (0.5, None, 5.0, None, True, True, True)
+    for reduction in ("batchmean", "none"):
+        cfg = chunks._Config(0.7, reduction, 2, *heads)
+        tensor_cfg = chunks._Config(torch.tensor(0.7, dtype=torch.float64), reduction, 2, *heads)
+        want, got = chunks._forward(*inputs, cfg), chunks._forward(*inputs, tensor_cfg)
+        if reduction == "none":  # a masked row's stats are not written
+            got, want = (*got[:5], got[5][mask.view(-1)]), (*want[:5], want[5][mask.view(-1)])
+        for x, y in zip(got, want, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    stats = chunks._forward(*inputs, cfg)[5]
+    go = torch.rand(2, 3, generator=_gen(73))
+    want = chunks._backward_rows(*inputs, stats, go, cfg)
+    got = chunks._backward_rows(*inputs, stats, go, tensor_cfg)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
