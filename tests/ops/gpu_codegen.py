@@ -187,6 +187,16 @@ def _drive_ops() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         row = torch.randn(2049, generator=gen).to(dtype).requires_grad_(True)
         kd_kl_loss(row.expand(3, 2049), torch.randn(3, 2049, generator=gen), 1.0).backward()
+    # A compiled kd_kl_loss passes its temperature as a 0-d float64 tensor: the kernels load
+    # log2(e)/T and its factor from the device (DEVICE_PARAMS), for each dtype.
+    from kasmina.kernels.kd_loss import kd_backward, kd_forward
+
+    temperature = torch.tensor(2.0, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        student = torch.randn(6, 1000, generator=gen).to(dtype)
+        teacher = torch.randn(6, 1000, generator=gen).to(dtype)
+        loss, stats, scale = kd_forward(student, teacher, None, temperature, "batchmean", True)
+        kd_backward(student, teacher, None, stats, scale, torch.ones(()), temperature, "batchmean")
 
 
 def record_launches(drive: Callable[[], None] = _drive_ops) -> list[Launch]:

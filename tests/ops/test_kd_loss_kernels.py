@@ -197,9 +197,9 @@ def test_odd_vocab_compiles_to_vector_loads_without_loop_barriers(tmp_path: Path
         names = K._kd_fwd_kernel.arg_names
         sig = {n: "i32" for n in names}
         sig.update(s_ptr="*bf16", t_ptr="*bf16", mask_ptr="*i1", loss_ptr="*fp32",
-                   stats_ptr="*fp32", k="fp32", loss_factor="fp32")
+                   stats_ptr="*fp32", k="fp32", loss_factor="fp32", params_ptr="*fp32")
         const = dict(HAS_MASK=False, WRITE_STATS=True, ALIGN_S=True, ALIGN_T=True, VEC=8,
-                     BLOCK_V=K.FWD_BLOCK_V, MERGED=True)
+                     BLOCK_V=K.FWD_BLOCK_V, MERGED=True, DEVICE_PARAMS=False)
         sig.update({n: "constexpr" for n in const})
         attrs = {(names.index(n),): [["tt.divisibility", 16]]
                  for n in ("s_ptr", "t_ptr", "mask_ptr", "loss_ptr", "stats_ptr")}

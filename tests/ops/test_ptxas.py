@@ -47,6 +47,7 @@ SPECIALISED = {
         "WRITE_STATS": BOTH,
         "ALIGN_T": BOTH,
         "BLOCK_V": {"1024", "2048"},
+        "DEVICE_PARAMS": BOTH,
     },
     "_kd_bwd_kernel": {
         "HAS_MASK": BOTH,
@@ -55,6 +56,7 @@ SPECIALISED = {
         "ALIGN_S": BOTH,
         "ALIGN_T": BOTH,
         "ALIGN_G": BOTH,
+        "DEVICE_PARAMS": BOTH,
     },
 }
 
