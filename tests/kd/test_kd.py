@@ -143,13 +143,15 @@ class _SharedEncoder(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["forward", "measurement"])
-def test_a_module_of_the_teacher_switched_to_train_is_put_back_in_eval(
+def test_a_module_a_teacher_shares_with_a_student_runs_the_teachers_forward_in_eval(
     how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A teacher taken in place shares a frozen encoder with its student (saved memory); the
     student's ``train()`` switches that module, not the teacher: only the teacher's own mode
     was checked, so its forwards and measurements drew dropout and moved the batch-norm
-    statistics the teacher is frozen at."""
+    statistics the teacher is frozen at. The module is the student's too: it is put back in
+    train after the teacher's forward (switched to eval for good, the student trained on with
+    its dropout off), and that is no warning (the teacher's own mode is)."""
     encoder = nn.Sequential(nn.Linear(IN, IN), nn.BatchNorm1d(IN), nn.Dropout(0.5))
     teacher = CheckpointedTeacher(_SharedEncoder(encoder), dtype=None, copy_model=False)
     student = nn.Sequential(encoder, nn.Linear(IN, CLASSES))
@@ -162,24 +164,23 @@ def test_a_module_of_the_teacher_switched_to_train_is_put_back_in_eval(
             torch.testing.assert_close(teacher(inputs(8)), want, rtol=0, atol=0)
         else:
             assert teacher.measure_forward_peak_bytes(inputs(8)) > 0
-    assert not any(m.training for m in teacher.teacher.modules())
+    assert all(m.training for m in student.modules()) and not teacher.teacher.training
     assert torch.equal(norm.running_mean, stats[0]) and torch.equal(norm.running_var, stats[1])
     assert int(norm.num_batches_tracked) == 0
-    assert "returning it to eval mode" in caplog.text
+    assert "returning it to eval mode" not in caplog.text
 
 
 def test_a_teacher_switched_to_train_each_step_warns_rarely(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A loop calling ``model.train()`` each step over a shared module put a warning in the log
-    at every teacher forward: the first and every ``TRAIN_MODE_WARNING_EVERY``-th warn."""
-    encoder = nn.Sequential(nn.Linear(IN, IN), nn.Dropout(0.5))
-    teacher = CheckpointedTeacher(_SharedEncoder(encoder), dtype=None, copy_model=False)
-    student = nn.Sequential(encoder, nn.Linear(IN, CLASSES))
+    """A loop switching the teacher to train each step (``model.train()`` over a model that
+    holds it) put a warning in the log at every teacher forward: the first and every
+    ``TRAIN_MODE_WARNING_EVERY``-th warn."""
+    teacher = CheckpointedTeacher(nn.Sequential(nn.Linear(IN, IN), nn.Dropout(0.5)), dtype=None)
     every = CheckpointedTeacher.TRAIN_MODE_WARNING_EVERY
     with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
         for _ in range(every):
-            student.train()
+            teacher.teacher.train()
             teacher(inputs(2))
     warned = [r for r in caplog.records if "returning it to eval mode" in r.getMessage()]
     assert len(warned) == 2 and teacher.train_mode_count == every
