@@ -40,12 +40,16 @@ group's buffers all or none: where some of its parameters with gradients have a
 ``momentum_buffer`` and others none (or None), every step raises. A promotion makes that state
 (a fresh host's group beside a seed's carried buffers, after INITIALIZE_HOST; a seed whose
 state was reset beside the host's), so ``settle_momentum`` settles the group it joins, there
-and at a load of the saved state, only where the group is mixed (nothing on a step). With
+and at a load of the saved state, only where the group is mixed. With
 ``dampening == 0`` (torch's default, and Nesterov's only value) a buffer of zeros is exact: the
 fused update ``0 · momentum + grad`` makes it ``grad``, what the unfused first step makes it.
-With dampening it would make it ``(1 - dampening) · grad``, so the group steps unfused (torch's
-own mixed-buffer path) until each of its parameters has a buffer, then fused again (a one-shot
-step post hook).
+With dampening it would make it ``(1 - dampening) · grad``, so a step pre hook gives each bare
+parameter, at the first step it has a gradient, the buffer ``d_p · dampening / momentum`` (``d_p``
+the gradient as the step reads it: unscaled, signed, with weight decay), which the fused update
+turns into ``d_p`` (1 ulp of fp32 apart at most, seen); one without a gradient is left out of
+the fused step, so it waits. The group stays fused (the user's flag is never touched), the hook
+holds the parameters weakly and reads buffers at the call (a load in between still works), and
+it removes itself once none is bare: a step costs nothing more after that.
 
 **Containment.** ``step_contained`` steps a seed's optimizer in a ``try``: one that raises (a
 state of another shape, whatever else) may have stepped part of its parameters (torch's
@@ -60,11 +64,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from kasmina.ops.backend import SUPPORTED_DTYPES
 from kasmina.ops.grad_norms import grad_norms
@@ -334,17 +340,91 @@ def settle_momentum(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> 
             state[p]["momentum_buffer"] = torch.zeros_like(p.detach())
         logger.info("fused SGD: %d tensors start their momentum at 0 beside others'", len(bare))
         return True
-    group["fused"] = False
-
-    def fused_again(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if all(opt.state.get(p, {}).get("momentum_buffer") is not None for p in group["params"]):
-            group["fused"] = True
-            handle.remove()
-
-    handle = optimizer.register_step_post_hook(fused_again)
-    msg = "fused SGD with dampening: a group steps unfused until %d more tensors have momentum"
+    if (hook := _FIRST_BUFFERS.get(optimizer)) is None:
+        hook = _FIRST_BUFFERS[optimizer] = _FirstBuffers(optimizer)
+    hook.waiting.extend(weakref.ref(p) for p in bare)
+    msg = "fused SGD with dampening: %d tensors get a first buffer at their first gradient"
     logger.info(msg, len(bare))
     return True
+
+
+class _FirstBuffers:
+    """A step pre hook giving each of ``params`` that has a gradient and no momentum buffer one
+    that the fused update ``momentum · buf + (1 - dampening) · d_p`` turns into ``d_p`` (the
+    gradient, unscaled, negated under ``maximize``, plus weight decay), what unfused SGD's first
+    step makes it: ``d_p · dampening / momentum``. It holds the parameters weakly, never a group
+    dict (a load of the state builds new ones): buffers and hyperparameters are read at the
+    call, and it removes itself once none is left bare. A parameter with no gradient waits
+    (torch's fused step leaves it out, so it mixes nothing). At a step a GradScaler skips (an
+    overflow: the fused step changes nothing) the buffers are taken back after it. One per
+    optimizer: torch iterates its hooks' dict, so a hook can only be removed while none of that
+    dict runs (a post hook, registered last for that step, takes it and then itself out)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.waiting: list[weakref.ref] = []
+        self.given_at_skip: list[weakref.ref] = []  # buffers made for a step that is skipped
+        self.handle = optimizer.register_step_pre_hook(self)
+        self.after: RemovableHandle | None = None
+
+    @torch.no_grad()
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.take_back(optimizer)  # a skipped step that raised: its post hooks never ran
+        found_inf = getattr(optimizer, "found_inf", None)  # a GradScaler's, for this step
+        skipped: bool | None = None  # read once, and only where a buffer is made
+        waiting: list[weakref.ref] = []
+        for ref in self.waiting:
+            p = ref()
+            if p is None or optimizer.state.get(p, {}).get("momentum_buffer") is not None:
+                continue  # gone, or given one since (a loaded state): nothing to do
+            if p.grad is None or p.grad.is_sparse:
+                waiting.append(ref)  # no step for it now (and no look through the groups)
+                continue
+            group = next((g for g in optimizer.param_groups if _holds(g, p)), None)
+            if group is None or not (group.get("fused") and group["momentum"]):
+                continue  # removed, or stepped unfused (torch starts it itself) or plain
+            d_p = p.grad
+            if (scale := getattr(optimizer, "grad_scale", None)) is not None:
+                d_p = d_p / scale.to(d_p.device)
+            d_p = -d_p if group["maximize"] else d_p
+            if group["weight_decay"] != 0:
+                d_p = d_p.add(p, alpha=group["weight_decay"])
+            buf = d_p * (group["dampening"] / group["momentum"])
+            optimizer.state[p]["momentum_buffer"] = buf.to(p.dtype)
+            if skipped is None:
+                skipped = found_inf is not None and bool(found_inf.item())
+            if skipped:  # a buffer all the same: the fused step takes no mix, even skipping
+                self.given_at_skip.append(ref)
+                waiting.append(ref)
+        self.waiting = waiting
+        if (skipped or not waiting) and self.after is None:
+            self.after = optimizer.register_step_post_hook(self.stepped)
+
+    def take_back(self, optimizer: torch.optim.Optimizer) -> None:
+        for ref in self.given_at_skip:
+            if (p := ref()) is not None:
+                optimizer.state[p].pop("momentum_buffer", None)
+        self.given_at_skip = []
+
+    def stepped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.take_back(optimizer)
+        if self.after is not None:
+            self.after.remove()  # the optimizer's last post hook at this step: safe to take out
+            self.after = None
+        if not self.waiting:
+            self.handle.remove()
+            if _FIRST_BUFFERS.get(optimizer) is self:
+                del _FIRST_BUFFERS[optimizer]
+
+
+# The pre hook of each optimizer that has parameters waiting for a first buffer (weakly: an
+# optimizer dropped takes its hook along).
+_FIRST_BUFFERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, _FirstBuffers] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _holds(group: Mapping[str, Any], p: torch.Tensor) -> bool:
+    return any(q is p for q in group["params"])
 
 
 def _layout(state: Mapping[str, Any]) -> dict[str, tuple | None]:

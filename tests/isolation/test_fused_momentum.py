@@ -123,3 +123,123 @@ def test_a_saved_state_with_mixed_buffers_loads_settled() -> None:
     assert resumed.step("host")  # raised TypeError
     for p, b, g in zip(sp, before, gs[len(hp) :], strict=True):
         torch.testing.assert_close(p, b - 0.1 * g)  # its first step: buffer = gradient
+
+
+DAMPENED = {"momentum": 0.9, "dampening": 0.5, "weight_decay": 0.01}
+
+
+def promoted_beside_buffers() -> tuple:
+    """A host stepped once (buffers) and a fresh seed promoted into it (none), fused SGD with
+    dampening; with the unfused reference in the same state."""
+    torch.manual_seed(0)
+    host, seed = nn.Linear(3, 3), nn.Linear(3, 3)
+    hp, sp = list(host.parameters()), list(seed.parameters())
+    rhp = [p.detach().clone().requires_grad_() for p in hp]
+    rsp = [p.detach().clone().requires_grad_() for p in sp]
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+    opts.initialize_host(hp, lr=0.1, fused=True, **DAMPENED)
+    opts.create_seed_optimizer("s", sp, lr=0.1, fused=True, **DAMPENED)
+    reference = sgd(rhp + rsp, False, DAMPENED)
+    put(hp, grads(hp, 1)), put(rhp, grads(hp, 1))
+    opts.step("host"), reference.step()
+    for q in rhp:
+        q.grad = None
+    opts.promote_seed("s")
+    return opts, hp, sp, reference, rhp, rsp
+
+
+def hooks(optimizer: torch.optim.Optimizer) -> int:
+    return len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
+
+
+def assert_matches(params: list, ref_params: list, optimizer, reference) -> None:
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, q)
+        if q in reference.state:
+            buf = optimizer.state[p]["momentum_buffer"]
+            torch.testing.assert_close(buf, reference.state[q]["momentum_buffer"])
+
+
+def test_a_dampened_group_stays_fused_and_steps_as_unfused_sgd() -> None:
+    """With dampening the group was set unfused until every parameter had a buffer (a flag a
+    checkpoint then carried for good). Now it stays fused: each bare parameter gets, before
+    its first step, a buffer the fused update turns into its gradient (within a last bit of
+    fp32: 1 ulp of the buffer seen), and the hook that gives it is gone once none is bare."""
+    opts, hp, sp, reference, rhp, rsp = promoted_beside_buffers()
+    host_opt = opts.optimizer("host")
+    assert host_opt.param_groups[0]["fused"] is True  # was False
+    for k in (2, 3, 4):
+        put(hp + sp, grads(hp + sp, k)), put(rhp + rsp, grads(hp + sp, k))
+        assert opts.step("host")
+        reference.step()
+        assert host_opt.param_groups[0]["fused"] is True
+        assert_matches(hp + sp, rhp + rsp, host_opt, reference)
+        assert hooks(host_opt) == 0
+
+
+def test_a_parameter_without_a_gradient_waits_then_starts_as_unfused_sgd() -> None:
+    """A promoted parameter that gets no gradient for some steps kept the group unfused, and a
+    hook looping over the group ran at every step. Now the group stays fused (torch's fused
+    step leaves the parameter out), and its first gradient starts it as unfused SGD would."""
+    opts, hp, sp, reference, rhp, rsp = promoted_beside_buffers()
+    host_opt = opts.optimizer("host")
+    stepped, ref_stepped = hp + sp[:1], rhp + rsp[:1]  # the seed's bias: no gradient yet
+    for k in (2, 3, 4):
+        put(stepped, grads(stepped, k)), put(ref_stepped, grads(stepped, k))
+        sp[1].grad = rsp[1].grad = None
+        assert opts.step("host")
+        reference.step()
+        assert host_opt.param_groups[0]["fused"] is True  # was False at every step
+        assert_matches(hp + sp, rhp + rsp, host_opt, reference)
+        assert len(host_opt._optimizer_step_pre_hooks) == 1  # the bias is still bare
+    for k in (5, 6):
+        put(hp + sp, grads(hp + sp, k)), put(rhp + rsp, grads(hp + sp, k))
+        assert opts.step("host")
+        reference.step()
+        assert_matches(hp + sp, rhp + rsp, host_opt, reference)
+    assert host_opt.param_groups[0]["fused"] is True
+    assert hooks(host_opt) == 0
+
+
+@pytest.mark.parametrize("into", ["fresh", "live"])
+def test_a_state_saved_between_promotion_and_step_loads_fused(into: str) -> None:
+    """A checkpoint or a rollback between such a promotion and the next step carried the group
+    as unfused, and the load built new group dicts the hook no longer saw: the user's
+    ``fused=True`` was lost for good. Now nothing saved differs from what the user set, and a
+    load, into a fresh manager or the live one, steps fused as unfused SGD would."""
+    opts, hp, sp, reference, rhp, rsp = promoted_beside_buffers()
+    saved = copy.deepcopy(opts.state_dict())
+    assert saved["optimizers"]["host"]["state"]["param_groups"][0]["fused"] is True
+    if into == "fresh":
+        opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.SGD)
+        opts.initialize_host(hp, lr=0.1, fused=True, **DAMPENED)
+        opts.create_seed_optimizer("s", sp, lr=0.1, fused=True, **DAMPENED)
+        opts.promote_seed("s")
+    opts.load_state_dict(saved)
+    host_opt = opts.optimizer("host")
+    for k in (2, 3, 4):
+        put(hp + sp, grads(hp + sp, k)), put(rhp + rsp, grads(hp + sp, k))
+        assert opts.step("host")
+        reference.step()
+        assert host_opt.param_groups[0]["fused"] is True  # was False after the load
+        assert_matches(hp + sp, rhp + rsp, host_opt, reference)
+    assert hooks(host_opt) == 0
+
+
+def test_a_step_a_grad_scaler_skips_gives_no_buffer() -> None:
+    """Under a GradScaler the fused step unscales the gradients itself, or skips the step on
+    an overflow: a first buffer is made from the unscaled gradient, and none at a skipped
+    step (it would have stayed, made from infinities)."""
+    opts, hp, sp, reference, rhp, rsp = promoted_beside_buffers()
+    host_opt = opts.optimizer("host")
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))  # what a loop's scaled loss does: the scale made
+    put(hp + sp, [g * 8.0 for g in grads(hp + sp, 2)])
+    sp[0].grad[0, 0] = float("inf")
+    scaler.step(host_opt), scaler.update()
+    assert all("momentum_buffer" not in host_opt.state.get(p, {}) for p in sp)
+    scale = scaler.get_scale()
+    put(hp + sp, [g * scale for g in grads(hp + sp, 3)]), put(rhp + rsp, grads(hp + sp, 3))
+    scaler.step(host_opt), reference.step()
+    assert_matches(hp + sp, rhp + rsp, host_opt, reference)
+    assert hooks(host_opt) == 0
