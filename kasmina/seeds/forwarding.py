@@ -127,7 +127,8 @@ def _owner(slot: nn.Module, name: str, value: Any = None) -> nn.Module | None:
     the slot; on the slot it would skip the slot at every call."""
     state = slot.__dict__
     host = state.get("_modules", {}).get("host")
-    if not host_holds(host, name, "_built" in state):
+    # A name deleted through the slot is the host's still: assigned again, it goes back there.
+    if not host_holds(host, name, "_built" in state) and name not in state.get("_deleted", ()):
         return None
     if name in state["_parameters"] or name in state["_buffers"] or name in state:
         return None
@@ -178,6 +179,7 @@ class HostForwarding(nn.Module):
         host = _owner(self, name, value)
         if host is not None:
             setattr(host, name, value)
+            self.__dict__.get("_deleted", set()).discard(name)
             if name in host._modules:  # a child replaced (``block.act = nn.GELU()``)
                 self._host_changed()
             return
@@ -205,6 +207,7 @@ class HostForwarding(nn.Module):
         if host is not None:
             child = name in host._modules
             delattr(host, name)
+            self.__dict__.setdefault("_deleted", set()).add(name)
             if child:
                 self._host_changed()
             return
@@ -240,6 +243,7 @@ class HostForwarding(nn.Module):
         host = _owner(self, name)
         if host is not None:
             host.add_module(name, module)
+            self.__dict__.get("_deleted", set()).discard(name)
             self._host_changed()
             return
         super().add_module(name, module)

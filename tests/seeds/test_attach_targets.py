@@ -286,6 +286,9 @@ def test_a_slot_replaces_and_deletes_its_hosts_children_by_name() -> None:
     model(x)
     slot.register_module("fc", nn.Linear(4, 4))  # ``add_module``: replaced on the host too
     assert slot.fc is block.fc and "fc" not in slot._modules and slot.output_contract is None
+    slot.act = nn.Tanh()  # deleted through the slot, assigned again: the host's (was the slot's)
+    assert slot.act is block.act and "act" not in slot._modules
+    assert torch.equal(model(x), torch.tanh(block.fc(x)))
 
 
 class _Scaled(nn.Linear):
