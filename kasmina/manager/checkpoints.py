@@ -75,13 +75,10 @@ class CheckpointStore(ABC):
     first removes checkpoints of epochs after ``n`` (after a rollback, all those after its
     target): they belong to a timeline that a rollback abandoned, and keeping them would make
     ``latest_epoch`` point at stale state; deleting them before the write means no crash
-    leaves them beside the new epoch as one history (``_drop_abandoned``). A rollback deletes
-    them too, as it commits (``abandon_after``), so that neither a later ROLLBACK nor a restart
-    takes the timeline it left for a live one; until they are gone (a delete that failed) the
-    store keeps them out of ``live_epochs``, ``latest_epoch`` and ``load`` in this process.
-    Which of the kept checkpoints are abandoned is known only after a rollback or a save in this
-    process: until then every checkpoint of the run is live, and ``check_next_epoch`` refuses an
-    epoch whose save would delete one (a trainer restarted with the same run id).
+    leaves them beside the new epoch as one history (``_drop_abandoned``). Which of the
+    kept checkpoints are abandoned is known only after a rollback (``abandon_after``) or a save
+    in this process: until then every checkpoint of the run is live, and ``check_next_epoch``
+    refuses an epoch whose save would delete one (a trainer restarted with the same run id).
     """
 
     mode = ""
@@ -105,9 +102,6 @@ class CheckpointStore(ABC):
         # The epoch a save began writing. A boundary that stops after its checkpoint is written
         # (a Ctrl-C) has not ended its epoch: its retry may write that checkpoint again.
         self._writing: int | None = None
-        # epoch -> the target of the rollback that abandoned its checkpoint, for the refusal of
-        # a ROLLBACK back into that timeline (an epoch saved again since is live again).
-        self._rolled_back_from: dict[int, int] = {}
 
     # ------------------------------------------------------------------ policy
     def is_due(self, epoch: int) -> bool:
@@ -118,14 +112,8 @@ class CheckpointStore(ABC):
     def epochs(self) -> list[int]:
         """Epochs with a complete checkpoint, ascending."""
 
-    def live_epochs(self) -> list[int]:
-        """Epochs with a complete checkpoint of the live timeline (not after the last epoch a
-        rollback or a save left it at), ascending: those a ROLLBACK may restore."""
-        after = self._abandoned_after
-        return [e for e in self.epochs() if after is None or e <= after]
-
     def latest_epoch(self) -> int | None:
-        epochs = self.live_epochs()
+        epochs = self.epochs()
         return epochs[-1] if epochs else None
 
     @property
@@ -169,33 +157,10 @@ class CheckpointStore(ABC):
         except OSError:
             logger.exception("a repaired rank could not take its source's checkpoints")
 
-    def abandon_after(self, epoch: int) -> str:
-        """A rollback took the run back to ``epoch`` (called once its state is restored, as it
-        commits): the checkpoints after it belong to the timeline it left. They stop being live
-        at once, and are deleted, newest first, and the deletes made durable, before the
-        rollback is declared done, so a restart never resumes from one nor is told to roll back
-        to one. Never raises: returns "" or the problem of a delete that failed (logged at
-        ERROR); those left are still kept out of this store's live epochs, and the next save
-        deletes them first (``_drop_abandoned``), writing nothing while it cannot."""
+    def abandon_after(self, epoch: int) -> None:
+        """A rollback took the run back to ``epoch``: the checkpoints after it belong to the
+        timeline it left, which the next save deletes (``check_next_epoch`` allows that)."""
         self._abandoned_after = _check_epoch(epoch)
-        try:
-            abandoned = [e for e in self.epochs() if e > epoch]
-            self._rolled_back_from.update(dict.fromkeys(abandoned, epoch))
-            for old in reversed(abandoned):
-                self._delete(old)
-            if abandoned:
-                self._sync_deletes()
-                logger.info("removed checkpoints of abandoned epochs %s", abandoned)
-        except Exception as exc:  # the rollback is applied: its commit cannot fail
-            problem = (
-                f"rolled back to epoch {epoch}, but the checkpoints after it could not all be "
-                f"deleted ({type(exc).__name__}: {exc}); this trainer never restores them and "
-                "its next checkpoint deletes them first, but a restart before that would take "
-                "them for the run's latest"
-            )
-            logger.error("%s", problem, exc_info=True)
-            return problem
-        return ""
 
     def check_next_epoch(self, epoch: int, last_ended: int) -> None:
         """``ValueError`` unless ``end_epoch(epoch)`` goes forward: after ``last_ended`` (the
@@ -240,14 +205,13 @@ class CheckpointStore(ABC):
         self._writing = epoch  # before: the write may be done when an interrupt lands in it
         self._write(epoch, state)
         self._abandoned_after = epoch  # what is after it was dropped above, or left behind
-        self._rolled_back_from = {e: t for e, t in self._rolled_back_from.items() if e > epoch}
         self._prune(epoch)
 
     def load(self, epoch: int, map_location: Any = None) -> dict[str, Any]:
         """The checkpoint of ``epoch``; ``CheckpointUnavailableError`` (naming the nearest kept
         epochs) when there is none."""
         _check_epoch(epoch)
-        if epoch not in self.live_epochs():
+        if epoch not in self.epochs():
             raise self.unavailable(epoch)
         return self._read(epoch, map_location)
 
@@ -260,7 +224,7 @@ class CheckpointStore(ABC):
 
     def unavailable(self, epoch: int) -> CheckpointUnavailableError:
         """The refusal for a missing ``epoch``: the cadence, the reach, the nearest kept."""
-        have = self.live_epochs()
+        have = self.epochs()
         below = [e for e in have if e < epoch]
         above = [e for e in have if e > epoch]
         nearest = below[-1:] + above[:1]
@@ -268,9 +232,6 @@ class CheckpointStore(ABC):
             f"checkpoints are written every {self.every_epochs} epoch(s) and kept "
             f"{self.max_rollback_epochs} epoch(s) back"
         )
-        target = self._rolled_back_from.get(epoch)
-        if target is not None:
-            policy = f"a rollback to epoch {target} abandoned the timeline it was on; {policy}"
         kept = (
             f"nearest kept: epoch {' and '.join(str(e) for e in nearest)}"
             if nearest

@@ -25,9 +25,6 @@ is all-or-nothing (docs/design.md §6a), in three phases:
    keeps driving the optimizer that trains), and the counters, records, pins and monitors take
    over (a Ctrl-C is delivered once it is done). Afterwards a seed's original is pinned exactly
    while it holds a kernel and is not TERMINATED (docs/design.md §3), whatever it held before.
-   Last, the checkpoints after the target are given up (``CheckpointStore.abandon_after``:
-   no longer live, then deleted), so neither a later ROLLBACK nor a restart goes back into the
-   timeline the run left; a delete that fails is the problem of the applied command.
 
 Why the epoch boundary is replayed: ``end_epoch`` writes its checkpoint *before* it ticks the
 table and runs the automatic COOLDOWN -> RECYCLING -> DORMANT steps, so that a failed write
@@ -115,7 +112,7 @@ def kernels_to_fetch(state: ManagerState, epoch: int) -> list[str]:
     if _FETCH_DEADLINE.get() is not None or state.closed or state.registry is None:
         return []
     store = state.open_checkpoints()
-    if store is None or epoch not in store.live_epochs():
+    if store is None or epoch not in store.epochs():
         return []
     saved = state.saved_kernels.get(epoch)
     if saved is None:
@@ -242,16 +239,15 @@ def restore_epoch(
     handover = _write_reversibly(state, guard, registry, plan, loaded, backup, hold)
     # Phase 3: the commit (nothing here can fail; a Ctrl-C is held until it is done).
     try:
-        kept = _commit_rollback(
-            state, registry, store, epoch, plan, loaded, handover, backup.stages
-        )
+        _commit_rollback(state, registry, store, epoch, plan, loaded, handover, backup.stages)
     finally:
         hold.__exit__(None, None, None)  # entered at phase 2's end
     logger.warning(
         "rolled back to epoch %d (%d seed kernels re-attached)", epoch, len(loaded.fresh)
     )
-    replayed = _replay_boundary(epoch, boundary) if plan.pending and boundary is not None else ""
-    return "; ".join(p for p in (kept, replayed) if p)
+    if not plan.pending or boundary is None:
+        return ""
+    return _replay_boundary(epoch, boundary)
 
 
 class _Loaded(NamedTuple):
@@ -382,23 +378,19 @@ def _commit_rollback(
     loaded: _Loaded,
     handover: _Handover,
     stages_before: list[SeedStage],
-) -> str:
-    """Phase 3, the commit: nothing here can fail (run under the hold phase 2 entered). Ends
-    with the abandoned timeline's checkpoints deleted (``CheckpointStore.abandon_after``);
-    returns "" or the problem of a delete that failed."""
+) -> None:
+    """Phase 3, the commit: nothing here can fail (run under the hold phase 2 entered)."""
     state.counters["rollbacks_committed"] += 1
     state.optimizers.adopt(loaded.optimizers)  # the live optimizer objects stay (dict moves only)
     registry.take_host_groups(state.optimizers, rebuilt=True, unfrozen=plan.unfrozen)
     state.epoch, state.global_step, state.val_metrics = plan.clock
     registry.saved_host_shapes = plan.saved_shapes
+    store.abandon_after(epoch)  # the next save may drop the later epochs
     pins, monitors = handover
     _commit_records(state, registry, plan.changes, loaded.fresh, plan.saved_seeds, pins, monitors)
     # Gradients computed on the abandoned timeline's weights: the checkpoint holds none.
     registry.model.zero_grad(set_to_none=True)
     registry.table.report_restored(stages_before, "rollback")  # sinks' errors are caught
-    # Last, with the state restored, and before the rollback is done (a Ctrl-C waits for it):
-    # a restart never takes the timeline it left for the run's latest.
-    return store.abandon_after(epoch)
 
 
 def _replay_boundary(epoch: int, boundary: Callable[[], object]) -> str:

@@ -46,11 +46,7 @@ def test_a_repaired_rank_takes_the_sources_timeline_of_checkpoints(
     for rig in rigs.values():
         rig.train(1)
         rig.manager.end_epoch(next_epoch)  # allowed on both, as on the source
-    kept = source.checkpoints.epochs()
-    if rolled_back == "repaired":  # its own rollback deleted its 2 (a repair ships the latest)
-        kept.remove(2)
-    assert repaired.checkpoints.epochs() == kept
-    assert repaired.checkpoints.latest_epoch() == source.checkpoints.latest_epoch() == next_epoch
+    assert repaired.checkpoints.epochs() == source.checkpoints.epochs()
 
 
 def _weights(rig: Rig, epoch: int) -> dict[str, torch.Tensor]:

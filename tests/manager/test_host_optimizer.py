@@ -78,14 +78,6 @@ def test_a_host_scheduler_keeps_stepping_through_active_and_rollbacks(rig: Rig, 
     train.check()
     assert any(not torch.equal(a, p) for a, p in zip(before, seed_params, strict=True))
     manager.end_epoch(epoch)  # SEED0 promoted
-    train(2)
-
-    # To the checkpoint holding the promotion: rebuilt into the live host.
-    assert run_command(manager, rig.signed(make_rollback_command(epoch, reason="test")))
-    assert rig.stage(SEED0) == S.ACTIVE and manager.optimizers.seed_ids == []
-    assert host_group_ids(rig) == base + [id(p) for p in manager.seed(SEED0).seed_parameters()]
-    train(3)
-    train.check()
 
     # Back across the promotion: the seed has its own optimizer again, the host keeps its
     # object (the scheduler's) and one group.
@@ -96,6 +88,13 @@ def test_a_host_scheduler_keeps_stepping_through_active_and_rollbacks(rig: Rig, 
     train(3)
     train.check()
     assert train.host_opt.param_groups[0]["lr"] != lr  # the live lr follows the schedule
+
+    # And forward again, to the checkpoint holding the promotion: rebuilt into the live host.
+    assert run_command(manager, rig.signed(make_rollback_command(epoch, reason="test")))
+    assert rig.stage(SEED0) == S.ACTIVE and manager.optimizers.seed_ids == []
+    assert host_group_ids(rig) == base + [id(p) for p in manager.seed(SEED0).seed_parameters()]
+    train(3)
+    train.check()
 
 
 def test_a_scheduler_made_after_the_checkpoint_keeps_its_group_keys(rig: Rig, mlp):
@@ -293,11 +292,10 @@ def test_an_object_tracked_again_under_a_name_is_left_alone_by_older_checkpoints
     rig.train(1)
     manager.end_epoch(1)
     again.weights += 1
-    assert run_command(manager, rig.signed(make_rollback_command(1)))
-    assert torch.equal(again.weights, torch.zeros(5))
-    again.weights += 1
     assert run_command(manager, rig.signed(make_rollback_command(0)))
     assert torch.equal(again.weights, torch.ones(5))  # the old copy's state is not its
+    assert run_command(manager, rig.signed(make_rollback_command(1)))
+    assert torch.equal(again.weights, torch.zeros(5))
 
 
 class TwoHeads(torch.nn.Module):
@@ -427,8 +425,8 @@ def test_initialize_host_builds_with_attachs_optimizer_options(tmp_path, store, 
 def test_a_host_optimizer_a_rollback_rebuilds_keeps_initialize_hosts_options(
     tmp_path, store, keyring
 ) -> None:
-    """A ROLLBACK to a checkpoint holding INITIALIZE_HOST's optimizer (or one in a resumed
-    process) rebuilt it with attach's options and lr 1e-3: its groups came back, its
+    """A ROLLBACK back past INITIALIZE_HOST and forward again (or one in a resumed process)
+    rebuilt the host optimizer with attach's options and lr 1e-3: its groups came back, its
     ``defaults`` did not, and a group added afterwards (``add_param_group`` of a layer
     unfrozen) trained at lr 1e-3 without weight decay or momentum."""
     rig = Rig(make_config(tmp_path, store), keyring, host_lr=None, optimizer_cls=torch.optim.SGD)
@@ -444,8 +442,8 @@ def test_a_host_optimizer_a_rollback_rebuilds_keeps_initialize_hosts_options(
     assert made == {"lr": 0.25, "weight_decay": 0.1, "momentum": 0.5}
     rig.train(1)
     manager.end_epoch(1)
-    rig.train(1)
-    assert run_command(manager, rig.signed(make_rollback_command(1)))
+    for epoch in (0, 1):
+        assert run_command(manager, rig.signed(make_rollback_command(epoch)))
     host = manager.optimizers.optimizer("host")
     assert {k: host.defaults[k] for k in keys} == made
     host.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})

@@ -208,11 +208,12 @@ def test_a_layer_unfrozen_without_a_group_stops_the_step_until_one_holds_it(
 def test_a_rollback_unfreezes_what_its_checkpoint_trained(
     monkeypatch, tmp_path, store, keyring: Keyring, mode: str
 ) -> None:
-    """Back to 1, whose groups hold the layer: in a resumed process, whose model is built
-    frozen, the group comes back and the layer trains (the checkpoint records which parameters
-    frozen at attach trained). Then back to 0, before the unfreeze: the group goes, and the
-    layer, left trainable, made every later step raise (no group held it) though the loop had
-    added its group once; it is frozen again, as it was then, every step reported stepped."""
+    """Back to 0, before the unfreeze: the group goes, and the layer, left trainable, made
+    every later step raise (no group held it) though the loop had added its group once; it
+    is frozen again, as it was then. Forward to 1, whose groups hold it: the group came back
+    and the layer stayed frozen, never training again, every step reported stepped. The
+    checkpoint records which parameters frozen at attach trained; a resumed process, whose
+    model is built frozen, gets them back the same way."""
     overrides = {"checkpoint_mode": mode, "run_id": "unfreeze"}
     rig, layer = _frozen_out_rig(monkeypatch, tmp_path, store, keyring, **overrides)
     manager = rig.manager
@@ -221,19 +222,22 @@ def test_a_rollback_unfreezes_what_its_checkpoint_trained(
     manager.optimizers.optimizer("host").add_param_group({"params": layer})
     rig.train(1)
     manager.end_epoch(1)
-    if mode == "disk":
-        manager.close()
-        config = make_config(tmp_path, store, **overrides)
-        rig = Rig(config, keyring, record=False)  # the model built frozen again
-        manager, layer = rig.manager, list(rig.model.out.host.parameters())
-        assert not any(p.requires_grad for p in layer)
+    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
+    assert not any(p.requires_grad for p in layer)
+    assert rig.train(1)["host_stepped"]
     assert run_command(manager, rig.signed(make_rollback_command(1, reason="test")))
     assert all(p.requires_grad for p in layer)
     before = layer[0].detach().clone()
     assert rig.train(1)["host_stepped"] and not torch.equal(layer[0], before)
-    assert run_command(manager, rig.signed(make_rollback_command(0, reason="test")))
-    assert not any(p.requires_grad for p in layer)
-    assert rig.train(1)["host_stepped"]
+    if mode == "memory":
+        return
+    manager.close()
+    config = make_config(tmp_path, store, **overrides)
+    resumed = Rig(config, keyring, record=False)  # the model built frozen again
+    again = list(resumed.model.out.host.parameters())
+    assert run_command(resumed.manager, resumed.signed(make_rollback_command(1, reason="r")))
+    assert all(p.requires_grad for p in again)
+    assert resumed.train(1)["host_stepped"]
 
 
 def test_a_rollback_to_a_layer_waiting_for_its_group_freezes_it(
