@@ -12,8 +12,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +133,6 @@ class CheckpointedTeacher:
         for param in teacher.parameters():
             param.requires_grad_(False)
         self.train_mode_count = 0  # forwards that found it in train mode
-        self._in_place_modules = [] if copy_model else list(teacher.modules())[1:]  # shared?
         self.output_dtype = output_dtype
         first = next(iter(teacher.parameters()), None)
         self.dtype = dtype or (first.dtype if first is not None else torch.float32)
@@ -193,36 +191,26 @@ class CheckpointedTeacher:
         """Teacher logits for ``input_batch``; no autograd graph is ever recorded."""
         with self._lock:
             self._require_open()  # the model is the caller's again: left as it is
-            with self._in_eval(), torch.inference_mode():
+            self._in_eval()
+            with torch.inference_mode():
                 logits = self._run(input_batch)
         # Outside inference mode (a caller's too), so the result is an ordinary tensor.
         target = self.output_dtype or logits.dtype
         with torch.inference_mode(False):
             return logits.to(target) if logits.dtype != target else logits.clone()
 
-    @contextmanager
-    def _in_eval(self) -> Iterator[None]:
-        """The teacher's forward in eval mode: a forward in train mode draws dropout and moves
-        the batch-norm statistics the teacher is frozen at. The teacher switched to train is
-        put back in eval (a warning, rarely); a module of a teacher taken in place that is in
-        train mode (one shared with a student, whose ``train()`` switched it) runs this forward
-        in eval and is then put back as it was, so the student trains as it set itself (a
-        forward on another thread shows the student's forward that module in eval meanwhile).
-        A copied teacher's modules are its own: only its mode is checked."""
+    def _in_eval(self) -> None:
+        """The teacher put back in eval where it was switched to train (a forward in train mode
+        draws dropout and moves the batch-norm statistics the teacher is frozen at), with a
+        warning, rarely: a loop's ``model.train()`` over a model holding it each step. Only its
+        own mode is checked: a module an in-place teacher shares with a student follows the
+        student's (switched here, the student would train on in eval)."""
         if self.teacher.training:
-            self.train_mode_count += 1  # a loop's ``model.train()`` each step: logged rarely
+            self.train_mode_count += 1
             level = rarely(self.train_mode_count, self.TRAIN_MODE_WARNING_EVERY)
             msg = "teacher was switched to train mode (%d times); returning it to eval mode"
             logger.log(level, msg, self.train_mode_count)
             self.teacher.eval()
-        shared = [m for m in self._in_place_modules if m.training]
-        for module in shared:
-            module.training = False
-        try:
-            yield
-        finally:
-            for module in shared:
-                module.training = True
 
     def _run(self, input_batch: TeacherInput) -> torch.Tensor:
         """The teacher's logits for a tensor, or for a mapping of keyword inputs (a Hugging Face
@@ -277,8 +265,8 @@ class CheckpointedTeacher:
             target = self.dtype if dtype is None else dtype
             if target != self.dtype and target not in _TEACHER_DTYPES:
                 raise ValueError(f"dtype must be fp32, fp16 or bf16, got {target}")
-            with self._in_eval():  # the forward measured is the one KD runs
-                return self._measure(input_batch, target)
+            self._in_eval()  # the forward measured is the one KD runs
+            return self._measure(input_batch, target)
 
     def _measure(self, input_batch: TeacherInput, target: torch.dtype) -> int:
         own_dtype = self.dtype

@@ -133,43 +133,6 @@ def test_teacher_is_frozen_eval_and_registered_teacher_only() -> None:
     assert not any(i in holds_module._TEACHER_PARAMS for i in ids)
 
 
-class _SharedEncoder(nn.Module):
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder, self.head = encoder, nn.Linear(IN, CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
-@pytest.mark.parametrize("how", ["forward", "measurement"])
-def test_a_module_a_teacher_shares_with_a_student_runs_the_teachers_forward_in_eval(
-    how: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A teacher taken in place shares a frozen encoder with its student (saved memory); the
-    student's ``train()`` switches that module, not the teacher: only the teacher's own mode
-    was checked, so its forwards and measurements drew dropout and moved the batch-norm
-    statistics the teacher is frozen at. The module is the student's too: it is put back in
-    train after the teacher's forward (switched to eval for good, the student trained on with
-    its dropout off), and that is no warning (the teacher's own mode is)."""
-    encoder = nn.Sequential(nn.Linear(IN, IN), nn.BatchNorm1d(IN), nn.Dropout(0.5))
-    teacher = CheckpointedTeacher(_SharedEncoder(encoder), dtype=None, copy_model=False)
-    student = nn.Sequential(encoder, nn.Linear(IN, CLASSES))
-    norm = encoder[1]
-    stats = (norm.running_mean.clone(), norm.running_var.clone())
-    want = teacher(inputs(8))
-    student.train()  # the student's epoch
-    with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
-        if how == "forward":
-            torch.testing.assert_close(teacher(inputs(8)), want, rtol=0, atol=0)
-        else:
-            assert teacher.measure_forward_peak_bytes(inputs(8)) > 0
-    assert all(m.training for m in student.modules()) and not teacher.teacher.training
-    assert torch.equal(norm.running_mean, stats[0]) and torch.equal(norm.running_var, stats[1])
-    assert int(norm.num_batches_tracked) == 0
-    assert "returning it to eval mode" not in caplog.text
-
-
 def test_a_teacher_switched_to_train_each_step_warns_rarely(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
