@@ -222,6 +222,11 @@ class HostForwarding(nn.Module):
                 f"{self.layer_id}: {name!r} would register the host's own parameter on the slot "
                 "(pruning or a parametrization applied to the slot): apply it to slot.host"
             )
+        deleted = self.__dict__.get("_deleted", set())
+        if name in deleted:  # the host's, deleted through the slot: registered again there
+            self.__dict__["_modules"]["host"].register_parameter(name, param)
+            deleted.discard(name)
+            return
         super().register_parameter(name, param)
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:

@@ -289,6 +289,12 @@ def test_a_slot_replaces_and_deletes_its_hosts_children_by_name() -> None:
     slot.act = nn.Tanh()  # deleted through the slot, assigned again: the host's (was the slot's)
     assert slot.act is block.act and "act" not in slot._modules
     assert torch.equal(model(x), torch.tanh(block.fc(x)))
+    linear = nn.Sequential(nn.Linear(4, 4))
+    (slot,) = attach(linear, ["0"], 2, 2)
+    del slot.bias
+    slot.register_parameter("bias", nn.Parameter(torch.zeros(4)))  # so is a parameter
+    assert "bias" in slot.host._parameters and "bias" not in slot._parameters
+    assert torch.equal(linear(x), x @ slot.host.weight.T)
 
 
 class _Scaled(nn.Linear):
