@@ -5,7 +5,7 @@ forward that measures a seed taken out), and weighed by its batch size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,33 +33,34 @@ def checked_pair(batch: Any, index: int) -> tuple[Any, Any]:
 def moved(value: Any, device: torch.device) -> Any:
     """``value`` with its tensors on ``device``: a tensor, a ``PackedSequence``, the items of a
     tuple or list (a namedtuple rebuilt field by field) and a mapping's values; else as it is."""
-    if isinstance(value, torch.Tensor | PackedSequence):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        items = [moved(v, device) for v in value]
-        if hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
-            return type(value)(*items)
-        return type(value)(items)
-    if isinstance(value, Mapping):  # keyword inputs (a tokenizer's BatchEncoding)
-        return {k: moved(v, device) for k, v in value.items()}
-    return value
+    return _leaves_mapped(value, lambda leaf: leaf.to(device))
 
 
 def copied(value: Any) -> Any:
     """``value`` with its tensors cloned, walked as ``moved`` walks it: what a forward that
     changes its inputs in place (``x.mul_(...)`` preprocessing), or a loss its targets, may
-    change, leaving ``value``."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, PackedSequence):  # its indices are never written: its data only
-        return value._replace(data=value.data.clone())
+    change, leaving ``value``. A ``PackedSequence``'s indices are never written: its data only."""
+
+    def clone(leaf: torch.Tensor | PackedSequence) -> Any:
+        if isinstance(leaf, PackedSequence):
+            return leaf._replace(data=leaf.data.clone())
+        return leaf.clone()
+
+    return _leaves_mapped(value, clone)
+
+
+def _leaves_mapped(value: Any, fn: Callable[[torch.Tensor | PackedSequence], Any]) -> Any:
+    """``value`` with ``fn`` applied to each tensor and ``PackedSequence`` in it, through tuples
+    and lists (a namedtuple rebuilt field by field) and a mapping's values."""
+    if isinstance(value, torch.Tensor | PackedSequence):
+        return fn(value)
     if isinstance(value, tuple | list):
-        items = [copied(v) for v in value]
-        if hasattr(value, "_fields"):
+        items = [_leaves_mapped(v, fn) for v in value]
+        if hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
             return type(value)(*items)
         return type(value)(items)
-    if isinstance(value, Mapping):
-        return {k: copied(v) for k, v in value.items()}
+    if isinstance(value, Mapping):  # keyword inputs (a tokenizer's BatchEncoding)
+        return {k: _leaves_mapped(v, fn) for k, v in value.items()}
     return value
 
 
