@@ -37,7 +37,13 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, saveable, through_dispatcher, use_triton
+from kasmina.ops.backend import (
+    check_float_tensor,
+    saveable,
+    through_dispatcher,
+    traced_scalar,
+    use_triton,
+)
 from kasmina.ops.blend_tangent import blend_tangent, tangent_sum
 from kasmina.ops.transforms import (
     functorch_active,
@@ -497,10 +503,7 @@ def alpha_blend(
     if isinstance(alpha, Tensor):
         alpha_t, alpha_value = alpha.contiguous(), 0.0
     elif torch.compiler.is_compiling():
-        # A float that changes between calls (a ramp) is traced as an input: as a 0-d tensor,
-        # where the op's float argument guarded its value, a recompile each (then the limit).
-        one = torch.ones((), dtype=torch.float32, device=seed_out.device)
-        alpha_t, alpha_value = one.mul(alpha), 0.0  # (``scalar_tensor`` guards the value too)
+        alpha_t, alpha_value = traced_scalar(alpha, torch.float32, seed_out.device), 0.0
     else:
         alpha_t, alpha_value = None, float(alpha)
     # blend detaches the host (no gradient): only the seed's or alpha's grad makes a node.

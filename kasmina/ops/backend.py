@@ -117,6 +117,15 @@ def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone() if t.is_inference() else t
 
 
+def traced_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A Python number as a 0-d tensor input of a custom op while compiling: a float argument
+    is guarded by its value, so a schedule (an alpha ramp, a temperature) recompiled at every
+    new value until ``fullgraph`` raised at the recompile limit. ``ones().mul(value)``, where
+    ``scalar_tensor``, ``full`` and ``tensor`` guard the value too. float64 holds any float
+    exactly (a temperature); a blend's alpha is float32 as the seeds' are."""
+    return torch.ones((), dtype=dtype, device=device).mul(value)
+
+
 # The temperatures the KD ops take. Below: the loss is the row sums scaled by T²·ln 2 in fp32,
 # which is subnormal below T of about 1.3e-19 (the loss 7e-6 off at T = 1e-20, exactly 0 below
 # about 1e-22 while the gradient stayed right; T = 1e-18 is exact to fp32), and the logits' scale

@@ -73,7 +73,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kasmina.ops.backend import check_float_tensor, check_temperature, saveable, through_dispatcher
+from kasmina.ops.backend import (
+    check_float_tensor,
+    check_temperature,
+    saveable,
+    through_dispatcher,
+    traced_scalar,
+)
 from kasmina.ops.fused_linear_kd_chunks import (
     _backward_rows,
     _Config,
@@ -523,11 +529,9 @@ def fused_linear_kd_loss(
     )
     mask = keep(mask)
     if through_dispatcher():  # tracing, or a mode that fakes tensors (FakeTensorMode, ...)
-        # The temperature is an input, a 0-d float64 tensor (exact), so that a schedule does
-        # not recompile (``scalar_tensor``/``full`` would guard the value too).
-        one = torch.ones((), dtype=torch.float64, device=student_hidden.device)
+        temp_t = traced_scalar(temperature, torch.float64, student_hidden.device)
         return _fused_op(
-            student_hidden, student_weight, student_bias, *t_args, mask, one.mul(temperature),
+            student_hidden, student_weight, student_bias, *t_args, mask, temp_t,
             reduction, chunk, s_scale, t_scale, s_cap, t_cap, need_h, need_w, need_b,
         )[0]  # fmt: skip
     cfg = _Config(

@@ -63,6 +63,7 @@ from kasmina.ops.backend import (
     check_temperature,
     saveable,
     through_dispatcher,
+    traced_scalar,
     use_triton,
 )
 from kasmina.ops.kd_layout import grad_strides, new_grad
@@ -549,11 +550,7 @@ def kd_kl_loss(
     if function:  # the backward saves them
         teacher, mask = saveable(teacher), saveable(mask)
     if torch.compiler.is_compiling() and through_dispatcher() and not in_compiled_transform():
-        # A temperature that changes between calls (a schedule) is traced as an input: a 0-d
-        # float64 tensor (exact), where the op's float argument guarded its value, a recompile
-        # each (then the limit); ``scalar_tensor``/``full`` guard the value too.
-        one = torch.ones((), dtype=torch.float64, device=student_logits.device)
-        temp_t = one.mul(temperature)
+        temp_t = traced_scalar(temperature, torch.float64, student_logits.device)
         return _kd_op(student_logits, teacher, mask, 1.0, reduction, need_grad, temp_t)[0]
     temperature = float(temperature)
     if in_compiled_transform():  # plain torch ops: neither the custom op nor a Function serves
