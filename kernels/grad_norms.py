@@ -25,10 +25,11 @@ misaligned view (``base[1:]``) only sends its own group to the scalar path.
 
 Host time is what limits a call over a thousand small tensors, so the prepared launch (chunk
 tables and the device pointer table) is cached. The key is the list's layout as the kernels
-read it: the device, every tensor's data pointer, element count and dtype, and that every
-tensor is dense (contiguous, or a dense permutation such as ``w.t()``, read in place as the
-same span of memory). A repeated call with the same tensors, or new tensors at the same
-addresses, therefore only computes the key and launches. The cache is a small LRU (``_LAUNCHES``
+read it: the device, every tensor's data pointer, element count and dtype, and the shape and
+strides of each one that is not contiguous (a dense permutation such as ``w.t()`` or a
+channels_last weight is read in place as the same span of memory; other views are read from a
+copy). A repeated call with the same tensors, or new tensors at the same addresses, therefore
+only computes the key and launches. The cache is a small LRU (``_LAUNCHES``
 entries); the chunk tables underneath are shared by every pointer set of the same structure
 (element counts, dtypes, alignment) in a second small LRU (``_PLANS``), so fresh gradients each
 step rebuild only the pointer table. An exact hit skips validation: its key can only match a
@@ -45,7 +46,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import compress
+from operator import attrgetter, not_
 
 import torch
 import triton
@@ -69,6 +71,8 @@ _dtype_of = attrgetter("dtype")
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
+_shape = attrgetter("shape")
+_stride = torch.Tensor.stride
 
 
 @triton.jit
@@ -348,6 +352,27 @@ def _key_parts(
     )
 
 
+def _layout(ts: Sequence[torch.Tensor]) -> tuple:
+    """The indices, shapes and strides of the entries that are not contiguous: with the
+    pointers, element counts and dtypes, all that the kernels' reading of the list depends on
+    (whether each view is read in place or copied). C-level passes, as ``_key_parts``."""
+    odd = list(map(not_, map(_is_contiguous, ts)))
+    views = list(compress(ts, odd))
+    return (
+        tuple(compress(range(len(ts)), odd)),
+        tuple(map(_shape, views)),
+        tuple(map(_stride, views)),
+    )
+
+
+def _cached(key: tuple) -> tuple[_Plan, torch.Tensor] | None:
+    with _lock:
+        hit = _launches.get(key)
+        if hit is not None:
+            _launches.move_to_end(key)
+    return hit
+
+
 def prepare(
     tensors: Sequence[torch.Tensor | None],
     device: torch.device,
@@ -356,9 +381,10 @@ def prepare(
     """The host side of one call: the (cached) plan and device pointer table for ``tensors``.
 
     A list seen before costs four attribute reads per tensor, a tuple hash and a dict lookup
-    (plus one list pass when it holds ``None``); a new list is validated (``check_entry`` on
-    each entry, then the data pointers; without ``check_entry``, as in the tests' direct calls,
-    the pointers only), and a new structure builds its chunk tables.
+    (plus one list pass when it holds ``None`` or a non-contiguous tensor); a new list is
+    validated (``check_entry`` on each entry, then the data pointers; without ``check_entry``,
+    as in the tests' direct calls, the pointers only), and a new structure builds its chunk
+    tables.
     """
     ts: Sequence = tensors
     try:
@@ -370,23 +396,23 @@ def prepare(
         except (TypeError, RuntimeError):
             _check(tensors, device, check_entry)  # names the entry that is not a (dense) tensor
             raise
-    validated = False
-    if not dense:
-        _check(ts, device, check_entry)
-        validated = True
-        flags = list(map(_is_contiguous, ts))
-        ts = [
-            t if ok or _dense_span(t) else t.contiguous() for t, ok in zip(ts, flags, strict=True)
-        ]
-        ptrs = tuple(map(_data_ptr, ts))  # copies have new addresses
-    key = (device, ptrs, numels, dtypes)
-    with _lock:
-        hit = _launches.get(key)
-        if hit is not None:
-            _launches.move_to_end(key)
+    layout = () if dense else _layout(ts)
+    key = (device, ptrs, numels, dtypes, layout)
+    hit = _cached(key)
     if hit is None:
-        if not validated:
-            _check(ts, device, check_entry)
+        _check(ts, device, check_entry)
+        if not dense:
+            flags = list(map(_is_contiguous, ts))
+            read = [
+                t if ok or _dense_span(t) else t.contiguous()
+                for t, ok in zip(ts, flags, strict=True)
+            ]
+            if any(r is not t for r, t in zip(read, ts, strict=True)):
+                ts = read  # copies have new addresses and layouts
+                ptrs = tuple(map(_data_ptr, ts))
+                key = (device, ptrs, numels, dtypes, _layout(ts))
+                hit = _cached(key)
+    if hit is None:
         aligned = tuple(p % ALIGNMENT == 0 for p in ptrs)
         structure = (device, numels, dtypes, aligned)
         with _lock:
