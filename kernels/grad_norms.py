@@ -137,7 +137,10 @@ def _fold(m, s, raw, DTYPE: tl.constexpr):
     return fn.to(tl.float32, bitcast=True), s * (ratio * ratio) + y * y
 
 
-@triton.jit
+# ``base`` (the group's first partial) depends on the list's make-up: specialised, as Triton does
+# an int (equal to 1, a multiple of 16, neither), it made up to three compiles of each group's
+# kernel, each one a JIT compile in the middle of training when a list of another make-up came.
+@triton.jit(do_not_specialize=["base"])
 def _sumsq_kernel(
     table_ptr,
     ptrs_ptr,

@@ -456,6 +456,31 @@ def test_dense_views_hit_the_cache_without_validation(
         torch.testing.assert_close(grad_norms([view]).double(), oracle([view]), **FP32)
 
 
+def test_a_groups_first_partial_compiles_no_variant() -> None:
+    """``base`` (where a group's partials start) depends on the other groups of the list: as an
+    int Triton specialises (equal to 1, a multiple of 16, neither), each new value class was
+    another GPU compile of the same kernel. Checked with Triton's binder for sm_90 (no GPU)."""
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+    except Exception as exc:  # no NVIDIA backend in this Triton build
+        pytest.skip(f"no Triton NVIDIA backend: {exc}")
+    kernel = gn_kernels._sumsq_kernel  # under the interpreter, its decorator's arguments
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    table, partials = torch.zeros(3, dtype=torch.int64), torch.zeros(2)
+    constexprs = {"DTYPE": gn_kernels._TL_DTYPE[torch.float32], "ALIGNED": True, "BLOCK": 2048}
+    keys = {
+        str(binder(table, table, partials, base, **constexprs, debug=False)[1])
+        for base in (0, 1, 2, 16, 4097)
+    }
+    assert len(keys) == 1, keys
+
+
 def test_caches_are_bounded_lrus(triton_backend: None, fresh_caches: None) -> None:
     cpu = torch.device("cpu")
     keep = [torch.randn(8)]
