@@ -21,6 +21,7 @@ from operator import is_not
 import numpy as np
 import torch
 from torch.autograd import forward_ad as _forward_ad
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from kasmina.ops.backend import SUPPORTED_DTYPES, through_dispatcher, use_triton
 from kasmina.ops.transforms import functorch_active
@@ -141,6 +142,11 @@ def check_entry(i: int, t: object, device: torch.device) -> None:
         raise ValueError(f"tensors[{i}] is on {t.device}, expected {device}")
     if t.layout != torch.strided:
         raise ValueError(f"tensors[{i}] must be a dense (strided) tensor, got {t.layout}")
+    if is_traceable_wrapper_subclass(t):  # no storage of its own: the CPU path died in numpy
+        raise ValueError(
+            f"tensors[{i}] is a {type(t).__name__}, a tensor subclass wrapping other tensors: "
+            "measure the plain tensors it holds (a DTensor's to_local())"
+        )
 
 
 def _validate(tensors: MaybeTensors, device: torch.device) -> None:

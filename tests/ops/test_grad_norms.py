@@ -567,6 +567,18 @@ def test_bad_inputs_raise(any_backend: str, tensors: list, message: str) -> None
         leak_check(tensors)
 
 
+def test_a_wrapper_subclass_is_refused_naming_it(any_backend: str, fresh_caches: None) -> None:
+    """A tensor subclass that wraps other tensors (a DTensor, torch's ``TwoTensor``) has no
+    storage of its own: the CPU path raised ``.numpy() is not supported for tensor subclasses``
+    from inside its repair step, the kernels' path a ValueError blaming a ZeroTensor."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    wrapped = TwoTensor(torch.randn(4), torch.randn(4))
+    for op in (grad_norms, leak_check):
+        with pytest.raises(ValueError, match=r"tensors\[1\] is a TwoTensor, a tensor subclass"):
+            op([torch.randn(3), wrapped])
+
+
 @pytest.mark.parametrize("device", ["cuda:7", "cuda", "meta"])
 def test_a_device_other_than_the_tensors_is_the_documented_error(
     any_backend: str, device: str
