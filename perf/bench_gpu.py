@@ -192,7 +192,9 @@ def bench_kd(b: Bench) -> None:
 # ----------------------------------------------------------------------------- alpha blend
 def _eager_blend(s: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if a.dim() == 1:  # per-chunk: chunk k of the last dim uses a[k]
-        a = a.repeat_interleave(s.shape[-1] // a.numel())
+        # In the data's dtype, as the 0-d alpha is: an fp32 [cols] alpha would promote the
+        # output (and the backward) to fp32, twice the bytes ours moves.
+        a = a.to(s.dtype).repeat_interleave(s.shape[-1] // a.numel())
     return a * s + (1 - a) * h.detach()
 
 

@@ -8,10 +8,16 @@ every seed grown); the speeds are neither kept nor asserted here.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from kasmina.ops import alpha_blend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +32,20 @@ def test_every_benchmark_runs() -> None:
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("chunks", [0, 8])
+def test_gpu_table_eager_blend_peer_keeps_the_data_dtype(
+    monkeypatch: pytest.MonkeyPatch, chunks: int
+) -> None:
+    """The GPU table's eager alpha-blend peer blends in the data's dtype, as ours does: an fp32
+    per-chunk alpha promoted its output and backward to fp32, twice the bytes ours moves, so the
+    ratio against it flattered ours."""
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))
+    eager_blend = importlib.import_module("bench_gpu")._eager_blend
+    seed = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+    host = torch.randn(4, 16, dtype=torch.bfloat16)
+    alpha = (torch.rand(chunks) if chunks else torch.tensor(0.3)).requires_grad_()
+    eager = eager_blend(seed, host, alpha)
+    assert eager.dtype == alpha_blend(seed, host, alpha).dtype == torch.bfloat16
+    torch.testing.assert_close(eager, alpha_blend(seed, host, alpha), atol=2e-2, rtol=2e-2)
