@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check on one CUDA machine (an H200 in under 8 minutes): install the package with its dev
-# and bench extras against the torch already installed there, run the tests that exercise CUDA,
-# then the GPU table (perf/bench_gpu.py), and write everything to perf/results/.
+# GPU check on one CUDA machine (its stages time-limited to about 8 minutes): install the package
+# with its dev and bench extras against the torch already installed there, run the tests that
+# exercise CUDA, then the GPU table (perf/bench_gpu.py), and write everything to perf/results/.
 #
 #   bash perf/gpu_check.sh            # PYTHON=python3.12 picks the interpreter
 #   bash perf/gpu_check.sh --install-only   # stage 1 alone (no GPU needed): install, import
