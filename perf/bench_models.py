@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from paired import paired  # perf/ is sys.path[0] when run as a script
+from arguments import positive_int  # perf/ is sys.path[0] when run as a script
+from paired import paired
 from torch import nn
 
 import kasmina
@@ -91,8 +92,8 @@ def train_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="inductor")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--repeat", type=positive_int, default=21)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), backend {args.backend}")

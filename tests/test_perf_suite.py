@@ -64,3 +64,14 @@ def test_gpu_check_install_passes_without_an_extras_package() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped kasmina.urza.redirects: aiohttp is not installed" in result.stdout
+
+
+def test_bench_models_refuses_a_count_below_one() -> None:
+    """``perf/bench_models.py --repeat 0`` is refused by argparse with a usage message, as the other
+    scripts' counts are (``perf/arguments.py``), where it ran on into an empty median."""
+    result = subprocess.run(
+        [sys.executable, "perf/bench_models.py", "--repeat", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "expected an integer >= 1, got 0" in result.stderr
