@@ -3,7 +3,9 @@
 ``make bench`` is not part of ``make test``, so a change that broke a benchmark's set-up went
 unseen (GERMINATE refused before a slot's first forward: every round of the end-to-end
 GERMINATE benchmark failed). Each benchmark checks what it times (every command dispatched,
-every seed grown); the speeds are neither kept nor asserted here.
+every seed grown); the speeds are neither kept nor asserted here. The scripts' own contracts are
+checked beside it: a GPU-table peer does the work ours does, gpu_check.sh's install check, and
+the standalone scripts' argument checks.
 """
 
 from __future__ import annotations
