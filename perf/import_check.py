@@ -24,7 +24,7 @@ OPTIONAL = frozenset({"aiohttp", "yarl"})
 
 
 def main() -> int:
-    skipped = []
+    skipped: list[str] = []
     for package in (kasmina, kasmina.kernels):
         for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             if module.name.endswith(".__main__"):  # that one runs the CLI
