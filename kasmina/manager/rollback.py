@@ -210,8 +210,10 @@ def snapshot(
         "tracked": tracked_states(state.tracked, state.writer),
         "unfrozen": registry.hold.names(unfrozen, limit=None) if unfrozen else [],
     }
+    # On the CPU, where every store keeps it: no second copy of the model and its optimizers'
+    # states in the device's memory at each checkpoint.
     return capture_training_state(
-        {"model": registry.model}, state.optimizers, registry.table.state_tensor, extra
+        {"model": registry.model}, state.optimizers, registry.table.state_tensor, extra, "cpu"
     )
 
 

@@ -35,20 +35,28 @@ def capture_training_state(
     optimizers: IsolatedOptimizerManager | None = None,
     state_table: torch.Tensor | None = None,
     extra: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Snapshot module weights, optimizer states and the state table (all cloned).
+    """Snapshot module weights, optimizer states and the state table (all cloned; onto
+    ``device`` when given, each tensor copied there straight from its own).
 
     The result holds only tensors and plain containers, so it can be saved with
-    a ``CheckpointStore`` and loaded back with ``weights_only=True``.
+    a ``CheckpointStore`` and loaded back with ``weights_only=True``. An epoch checkpoint is
+    taken with ``device="cpu"``: a clone on the model's GPU first would hold a second copy of
+    the weights and every optimizer state there, and a model using half the GPU ran out of
+    memory at its epoch boundary.
     """
+    saved = optimizers.state_dict() if optimizers is not None else None
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
-        "modules": {name: clone_state(module.state_dict()) for name, module in modules.items()},
-        "optimizers": clone_state(optimizers.state_dict()) if optimizers is not None else None,
-        "state_table": state_table.detach().clone() if state_table is not None else None,
+        "modules": {
+            name: clone_state(module.state_dict(), device) for name, module in modules.items()
+        },
+        "optimizers": clone_state(saved, device),  # None stays None
+        "state_table": clone_state(state_table, device),
     }
     if extra is not None:
-        state["extra"] = clone_state(dict(extra))
+        state["extra"] = clone_state(dict(extra), device)
     return state
 
 
