@@ -18,6 +18,9 @@ from kasmina.manager.evaluation import parse_host_shapes
 from kasmina.manager.slots import HostShapes, SlotRegistry
 from kasmina.manager.state import ManagerState
 from kasmina.manager.tracked import saved_tracked
+from kasmina.manager.training_state import EXTRA_STATE_KEY
+from kasmina.seeds.extra_state import parse_seed_state
+from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, checked_row
 from kasmina.urza.kernel import GPUKernel
 
 __all__ = ["BOUNDARY_PENDING", "RollbackPlan", "SavedSeed", "read_checkpoint", "rebuild_optimizers"]
@@ -66,6 +69,7 @@ def read_checkpoint(
         raise ValueError(f"unsupported checkpoint format {checkpoint.get('format')!r}")
     extra = checkpoint.get("extra") or {}
     saved_seeds = _saved_seeds(extra, registry, epoch)
+    _check_table(checkpoint, registry, saved_seeds, epoch)
     pending, clock = _saved_clock(extra, epoch, state.global_step)
     saved_shapes = parse_host_shapes(extra.get("host_shapes"), registry)
     own = {state.writer, *state.peer_writers}
@@ -122,6 +126,48 @@ def _saved_seeds(extra: Any, registry: SlotRegistry, epoch: int) -> dict[str, Sa
     return parsed
 
 
+def _check_table(
+    checkpoint: Mapping[str, Any],
+    registry: SlotRegistry,
+    saved_seeds: dict[str, SavedSeed],
+    epoch: int,
+) -> None:
+    """The checkpoint's state table as one instant of this run held it: each row one a restore
+    may write (``checked_row``: a known stage, counts >= 0), and each seed's row as its record
+    and its own saved state have it. A stage that runs a kernel on a seed whose record attaches
+    none would compute the host alone where the table says the seed contributes, and a stage
+    other than the one the seed's state was saved in would give the seed another stage's
+    optimizer layout and gates. A table of another shape or dtype is left to
+    ``restore_training_state``, which names both."""
+    table, live = checkpoint.get("state_table"), registry.table.state_tensor
+    if not isinstance(table, torch.Tensor) or table.shape != live.shape:
+        return
+    if table.dtype != live.dtype:
+        return
+    try:
+        rows = [checked_row(row) for row in table.tolist()]
+    except ValueError as exc:
+        raise ValueError(
+            f"the checkpoint of epoch {epoch} holds a state table row: {exc}"
+        ) from None
+    paths = {id(module): name for name, module in registry.model.named_modules()}
+    saved_model = (checkpoint.get("modules") or {}).get("model") or {}
+    for record in registry:
+        stage = SeedStage(rows[record.seed.state_index][StateColumn.LIFECYCLE_STAGE])
+        saved = saved_seeds[record.seed_id]
+        if stage in RUNS_KERNEL and not (saved.attached and saved.artifact_id):
+            raise ValueError(
+                f"the checkpoint of epoch {epoch} has seed {record.seed_id} {stage.name} in its "
+                "state table, and its record attaches no kernel"
+            )
+        own = saved_model.get(f"{paths[id(record.seed)]}.{EXTRA_STATE_KEY}")
+        if own is not None and (own_stage := parse_seed_state(own, record.seed_id).stage) != stage:
+            raise ValueError(
+                f"the checkpoint of epoch {epoch} has seed {record.seed_id} {stage.name} in its "
+                f"state table, and its own state was saved in {own_stage.name}"
+            )
+
+
 def _saved_clock(
     extra: Mapping[str, Any], epoch: int, global_step: int
 ) -> tuple[bool, tuple[int, int, dict[str, float]]]:
@@ -133,6 +179,9 @@ def _saved_clock(
         type(pending) is not bool
         or isinstance(saved_epoch, bool)
         or not isinstance(saved_epoch, int)
+        # The clock it restores: the file's epoch (signed), or -1 where no epoch had ended (a
+        # replica's snapshot, kept as epoch 0); a clock past the file's is no snapshot's.
+        or not -1 <= saved_epoch <= epoch
         or type(step) is not int
         or step < 0
         or not isinstance(metrics, Mapping)

@@ -17,6 +17,7 @@ from torch import nn
 
 from kasmina.manager.checkpoints import CHECKPOINT_FORMAT
 from kasmina.seeds.load_hooks import check_seed_states
+from kasmina.stages import checked_row
 from kasmina.utils.state_io import clone_state, load_mismatch
 
 if TYPE_CHECKING:
@@ -97,8 +98,8 @@ def restore_training_state(
     """Put back what ``capture_training_state`` took, bit for bit.
 
     Everything is validated first (module keys and shapes, the seeds' states as their load
-    would check them, optimizer layout, state-table shape and dtype); only then is anything
-    written, so a mismatched checkpoint raises ``ValueError``
+    would check them, optimizer layout, state-table shape, dtype and rows: known stages, counts
+    >= 0); only then is anything written, so a mismatched checkpoint raises ``ValueError``
     and leaves the live state untouched. A write that fails anyway is undone from a backup
     taken just before the writes, so the live state is never left half restored. The state
     table is copied in place so references held elsewhere (e.g. by the lifecycle's state
@@ -122,6 +123,8 @@ def restore_training_state(
                 f"checkpoint state table is {tuple(saved_table.shape)} {saved_table.dtype}, "
                 f"expected {tuple(state_table.shape)} {state_table.dtype}"
             )
+        for row in saved_table.tolist():  # as a restore of one row would check it
+            checked_row(row)
     if optimizers is not None:
         if state.get("optimizers") is None:
             raise ValueError("checkpoint holds no optimizer state")

@@ -762,6 +762,11 @@ def test_mismatched_checkpoint_is_rejected_without_touching_live_state():
     wrong_table = capture_training_state(modules, opts, torch.zeros(5, 10, dtype=torch.int32))
     with pytest.raises(ValueError, match="state table"):
         restore_training_state(wrong_table, modules, opts, table)
+    for column, value, message in [(0, 11, "stage value 11"), (2, -1, "EPOCHS_IN_STATE")]:
+        impossible = capture_training_state(modules, opts, table)  # signed, yet no table's
+        impossible["state_table"][1, column] = value
+        with pytest.raises(ValueError, match=message):
+            restore_training_state(impossible, modules, opts, table)
     wrong_shape = capture_training_state({"host": host, "seed": nn.Linear(8, 4)}, opts, table)
     with pytest.raises(ValueError, match="shape"):
         restore_training_state(wrong_shape, modules, opts, table)

@@ -18,6 +18,7 @@ from kasmina.leyline import MetricType
 from kasmina.manager import rollback as rollback_module
 from kasmina.seeds.extra_state import decode_extra_state, encode_extra_state
 from kasmina.seeds.table import GPUStateTensor
+from kasmina.stages import StateColumn
 from kasmina.utils.state_io import clone_state
 from tests.manager.helpers import (
     SEED0,
@@ -218,6 +219,12 @@ def test_a_rollback_refused_for_a_seeds_state_says_so_and_changes_nothing(
         # The names of the layers the user's loop unfroze: a list of names, nothing else.
         ("unfrozen", "fc1.weight", "unfrozen is 'fc1.weight'"),
         ("unfrozen", [0], "unfrozen is [0]"),
+        # Counts and a clock no run holds, in a checkpoint the run's key signed.
+        ("graft_steps", -1, "malformed record of"),
+        ("bad_gradients", -1, "malformed record of"),
+        ("global_step", -1, "malformed clock or metrics"),
+        ("epoch", -3, "malformed clock or metrics"),  # restored, the clock read -3
+        ("epoch", 7, "malformed clock or metrics"),  # epoch 0's file: the clock read 7
     ],
 )
 def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
@@ -244,6 +251,42 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
     assert not run_command(manager, rig.signed(make_rollback_command(0)))
     assert message in manager.command_log[-1][3], manager.command_log[-1][3]
     assert_same(before, _live(rig))
+
+
+@pytest.mark.parametrize(
+    ("seed_id", "column", "value", "message"),
+    [
+        (SEED1, StateColumn.LIFECYCLE_STAGE, 99, "lifecycle stage value 99 is outside"),
+        (SEED0, StateColumn.EPOCHS_IN_STATE, -5, "EPOCHS_IN_STATE must be >= 0, got -5"),
+        (SEED0, StateColumn.EMBARGO_COUNTER, -5, "EMBARGO_COUNTER must be >= 0, got -5"),
+        # SEED1 held no kernel at epoch 0: ACTIVE, it would have run the host alone.
+        (SEED1, StateColumn.LIFECYCLE_STAGE, S.ACTIVE, "out[1] ACTIVE in its state table, and"),
+        # SEED0's own state says ISOLATED_INIT: DORMANT, it kept its kernel and optimizer.
+        (SEED0, StateColumn.LIFECYCLE_STAGE, S.DORMANT, "was saved in ISOLATED_INIT"),
+    ],
+)
+def test_a_checkpoint_whose_table_no_run_held_is_refused_before_anything_changes(
+    rig: Rig, mlp, published, monkeypatch, seed_id: str, column, value: int, message: str
+) -> None:
+    """A state table signed with the run's key (re-signed, or written by another version) is
+    read in phase 1 as the table of one instant of the run: each row a known stage with counts
+    >= 0, each seed's stage one its record and its own saved state agree with. Negative counts
+    and these contradictions were restored, the seed left ACTIVE without a kernel or DORMANT
+    holding one."""
+    manager = rig.manager
+    _diverge_after_epoch_0(rig, mlp, published)
+    before = _live(rig)
+    row = manager.require_registry()[seed_id].seed.state_index
+
+    def impossible(checkpoint: dict) -> None:
+        checkpoint["state_table"][row, column] = int(value)
+
+    loads_changed(manager, monkeypatch, impossible)
+    assert not run_command(manager, rig.signed(make_rollback_command(0)))
+    assert message in manager.command_log[-1][3], manager.command_log[-1][3]
+    assert_same(before, _live(rig))
+    monkeypatch.undo()
+    assert run_command(manager, rig.signed(make_rollback_command(0)))  # the real one restores
 
 
 def test_a_restore_that_cannot_replay_its_boundary_is_refused_and_changes_nothing(
