@@ -38,7 +38,7 @@ from kasmina.seeds.inject import add_load_checks, install, uncallable_slot_probl
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import declared_width, forward_owner
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import NUM_STATE_COLUMNS, StateColumn
+from kasmina.stages import NUM_STATE_COLUMNS, SeedStage, StateColumn
 from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
@@ -145,6 +145,7 @@ def _prepare(
     by_slot: dict[str, dict[str, Any]] = {name: {} for name in layers}
     layouts_by_name = {layout["name"]: layout for layout in layouts}
     seen: set[tuple[str, int]] = set()
+    own: dict[str, tuple[int, SeedStage]] = {}  # seed_id -> (its row, its saved state's stage)
     for entry in seeds_saved:
         if not isinstance(entry, Mapping):
             raise SavedModelError(f"saved seed entry is malformed ({type(entry).__name__})")
@@ -192,10 +193,23 @@ def _prepare(
             layer.seeds.load_state_dict(seeds_state, strict=True)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise SavedModelError(f"slot {name!r}: seed state does not load: {exc}") from exc
+        for k, seed in enumerate(layer.seeds):  # each seed's stage, as its own state holds it
+            if f"{k}._extra_state" in seeds_state:  # (torch's key for get_extra_state)
+                own[seed.seed_id] = (seed.state_index, seed.stage)
     try:
         table.load_state_dict({"state_tensor": state_tensor, "embargo_epochs": embargo_epochs})
     except (ValueError, KeyError, IndexError) as exc:
         raise SavedModelError(f"saved state table does not load: {exc}") from exc
+    # The table is written after the seeds' states, over the rows they restored: a table of
+    # another stage than a seed's own state (the header is unsigned) left a seed DORMANT with a
+    # kernel, or ACTIVE half grafted, computing another model than the saved one.
+    stages = table.stages()
+    for seed_id, (row, stage) in own.items():
+        if stages[row] != stage:
+            raise SavedModelError(
+                f"saved state table has seed {seed_id} {stages[row].name}, its own saved state "
+                f"{stage.name}"
+            )
     return layers, host_state, len(originals)
 
 

@@ -16,6 +16,7 @@ import torch
 import kasmina
 from kasmina.persist.format import read_saved, write_saved
 from kasmina.seeds.outputs import output_index_problem
+from kasmina.stages import SeedStage, StateColumn
 from tests.manager.helpers import PUBLISHER, Host
 from tests.persist.conftest import Grown
 from tests.persist.test_load_malformed import _refused
@@ -23,6 +24,13 @@ from tests.persist.test_load_malformed import _refused
 
 def _slot(**changes: Any) -> Callable[[dict[str, Any]], None]:
     return lambda body: body["slots"][0].update(changes)
+
+
+def _stage(row: int, stage: SeedStage) -> Callable[[dict[str, Any]], None]:
+    def mutate(body: dict[str, Any]) -> None:
+        body["table"]["state_tensor"][row, StateColumn.LIFECYCLE_STAGE] = int(stage)
+
+    return mutate
 
 
 # The grown model's slot is ``out`` = Linear(8, 4), two seeds of two features along dim -1;
@@ -59,6 +67,16 @@ FORGED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "a seed's artifact not in the file": (
         lambda body: body["seeds"][0].update(artifact_id="forged"),
         "artifact 'forged' absent",
+    ),
+    # The table is restored after the seeds' own states, over their rows: one stage in each
+    # loaded, the ACTIVE seed DORMANT with its kernel, the GRAFTING one ACTIVE half blended.
+    "an ACTIVE seed's row DORMANT": (
+        _stage(0, SeedStage.DORMANT),
+        r"has seed out\[0\] DORMANT, its own saved state ACTIVE",
+    ),
+    "a GRAFTING seed's row ACTIVE": (
+        _stage(1, SeedStage.ACTIVE),
+        r"has seed out\[1\] ACTIVE, its own saved state GRAFTING",
     ),
 }
 
