@@ -313,7 +313,7 @@ class _Backup(NamedTuple):
         return cls(
             registry.table.state_dict(),
             registry.table.stages(),
-            clone_state(registry.model.state_dict()),
+            clone_state(registry.model.state_dict(), "cpu"),  # no second copy on the device
             {},
             [],
             [(record.seed, record.seed.evaluation) for record in registry],

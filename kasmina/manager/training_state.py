@@ -131,8 +131,9 @@ def restore_training_state(
         optimizers.validate_state_dict(state["optimizers"])
 
     # The writes, undone if one of them fails (a device error, a dtype the load cannot cast):
-    # the live state is backed up first and put back bit for bit.
-    backup = capture_training_state(modules, optimizers, state_table)
+    # the live state is backed up first (on the CPU: a second copy on the model's device could
+    # run it out of memory) and put back bit for bit.
+    backup = capture_training_state(modules, optimizers, state_table, device="cpu")
     try:
         if optimizers is not None:
             optimizers.load_state_dict(state["optimizers"])

@@ -1,7 +1,8 @@
 """An epoch checkpoint is copied from the live tensors straight to the CPU: no clone of the
 weights or of the optimizers' states on the model's device first (a second copy there, which
 ran a model using half a GPU out of memory at ``end_epoch``), and never aliasing them (a CPU
-model's snapshot is a copy that later training cannot change)."""
+model's snapshot is a copy that later training cannot change); a rollback's backups of the live
+state likewise."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from kasmina.control.builders import make_rollback_command
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.rollback import snapshot
 from kasmina.utils.state_io import clone_state
-from tests.manager.helpers import SEED0, Rig, assert_same, make_config
+from tests.manager.helpers import SEED0, Rig, assert_same, make_config, run_command
 
 
 def _live_tensors(manager: KasminaKernelManager, model: nn.Module) -> dict[int, torch.Tensor]:
@@ -87,6 +89,19 @@ def test_a_cpu_models_snapshot_is_a_copy_later_training_leaves_alone(rig: Rig, m
         for tensor in live.values():
             tensor.add_(1) if tensor.is_floating_point() else tensor.fill_(7)
     assert_same(at_capture, taken)
+
+
+def test_a_rollback_backs_the_live_state_up_on_the_cpu(rig: Rig, mlp) -> None:
+    """A rollback's backups (the undo of its writes) are copies of the live weights: on the
+    model's device they were up to two more copies of the model there."""
+    _trained_rig(rig, mlp)
+    rig.manager.end_epoch(0)
+    rig.train(1)
+    live = _live_tensors(rig.manager, rig.model)
+    with _Copies(live) as copies:
+        assert run_command(rig.manager, rig.signed(make_rollback_command(0)))
+    assert copies.targets  # the backups copied the weights
+    assert all(set(targets) == {"cpu"} for targets in copies.targets.values()), copies.targets
 
 
 class _Wide(nn.Module):
