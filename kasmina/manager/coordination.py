@@ -146,8 +146,11 @@ class ManagerReplica:
         state = self.state
         extra, latest = checkpoint.get("extra") or {}, checkpoint.pop("latest_checkpoint", None)
         key, after = max(int(extra.get("epoch", 0)), 0), extra.get("abandoned_after")
-        if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
-            raise ValueError(f"a replica payload's abandoned_after is {after!r}, no int")
+        # Checked before the repair, as every field: the timeline taken after it refuses one < 0.
+        if after is not None and (
+            isinstance(after, bool) or not isinstance(after, int) or after < 0
+        ):
+            raise ValueError(f"a replica payload's abandoned_after is {after!r}, no epoch")
         kept = extra.get("checkpoints")
         if kept is not None and not (
             isinstance(kept, list) and all(type(e) is int and e >= 0 for e in kept)

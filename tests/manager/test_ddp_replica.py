@@ -6,6 +6,7 @@ and health check cover what a sync compares."""
 
 from __future__ import annotations
 
+import io
 import threading
 from typing import Any
 
@@ -16,8 +17,9 @@ from kasmina.control.builders import make_rollback_command
 from kasmina.control.relay import EpochSyncResult
 from kasmina.manager.coordination import ManagerReplica
 from kasmina.manager.ddp import DistributedKasmina
+from kasmina.utils.state_io import clone_state
 from tests.manager.ddp_helpers import _signed
-from tests.manager.helpers import SEED0, Rig, S, make_config
+from tests.manager.helpers import SEED0, Rig, S, assert_same, make_config
 
 
 @pytest.mark.parametrize("rolled_back", ["source", "repaired"])
@@ -47,6 +49,30 @@ def test_a_repaired_rank_takes_the_sources_timeline_of_checkpoints(
         rig.train(1)
         rig.manager.end_epoch(next_epoch)  # allowed on both, as on the source
     assert repaired.checkpoints.epochs() == source.checkpoints.epochs()
+
+
+@pytest.mark.parametrize("after", [-1, "3", True])
+def test_a_payload_with_an_impossible_timeline_is_refused_before_the_repair(
+    tmp_path, store, keyring, mlp, after: object
+) -> None:
+    """A payload whose ``abandoned_after`` is no epoch (-1: no store writes it) restored the
+    state and then raised where the repaired rank took the source's timeline: the repair
+    reported failed, and applied."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    dk = DistributedKasmina(rig.manager)
+    assert dk.submit(_signed(rig, "germinate", SEED0, mlp))
+    dk.sync_epoch(0)
+    rig.train(2)
+    checkpoint = torch.load(io.BytesIO(dk.replica.export_state()), weights_only=True)
+    checkpoint["extra"]["abandoned_after"] = after
+    payload = io.BytesIO()
+    torch.save(checkpoint, payload)
+    rig.manager.seed(SEED0).quarantine("test")
+    before = clone_state(rig.model.state_dict())
+    with pytest.raises(ValueError, match="abandoned_after is .*, no epoch"):
+        dk.replica.import_state(payload.getvalue())
+    assert rig.stage(SEED0) == S.QUARANTINE  # not repaired
+    assert_same(before, clone_state(rig.model.state_dict()))
 
 
 def _weights(rig: Rig, epoch: int) -> dict[str, torch.Tensor]:
