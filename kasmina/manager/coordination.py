@@ -130,7 +130,9 @@ class ManagerReplica:
             extra, epochs = shipped["extra"], store.epochs()
             if state.epoch in epochs:
                 try:
-                    shipped["latest_checkpoint"] = store.load(state.epoch)
+                    # On the CPU, as the snapshot: a file written on a device this process
+                    # lacks loads, and one on this GPU adds no copy of a checkpoint there.
+                    shipped["latest_checkpoint"] = store.load(state.epoch, map_location="cpu")
                 except Exception:  # unreadable here: the repaired rank drops its own too
                     logger.exception("epoch %d: its checkpoint goes with no repair", state.epoch)
                     epochs.remove(state.epoch)

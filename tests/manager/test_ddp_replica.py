@@ -20,6 +20,7 @@ from kasmina.manager.ddp import DistributedKasmina
 from kasmina.utils.state_io import clone_state
 from tests.manager.ddp_helpers import _signed
 from tests.manager.helpers import SEED0, Rig, S, assert_same, make_config
+from tests.manager.test_checkpoints import _written_on
 
 
 @pytest.mark.parametrize("rolled_back", ["source", "repaired"])
@@ -73,6 +74,25 @@ def test_a_payload_with_an_impossible_timeline_is_refused_before_the_repair(
         dk.replica.import_state(payload.getvalue())
     assert rig.stage(SEED0) == S.QUARANTINE  # not repaired
     assert_same(before, clone_state(rig.model.state_dict()))
+
+
+def test_a_checkpoint_written_on_another_device_goes_with_the_repair(
+    tmp_path, store, keyring
+) -> None:
+    """The sync epoch's checkpoint, written on a device this process lacks (a run resumed on
+    another GPU index, or on the CPU), was loaded onto that device for the payload: it failed,
+    and the repaired rank was told to drop its own checkpoint of that epoch."""
+    rig = Rig(make_config(tmp_path, store), keyring)
+    rig.train(1)
+    rig.manager.end_epoch(0)
+    checkpoints = rig.manager.checkpoints
+    _, payload = checkpoints.signer.read_payload(checkpoints.path_for(0), epoch=0)
+    moved = _written_on(payload, "cuda:7")
+    checkpoints.signer.write_payload(moved, checkpoints.path_for(0), kind="epoch", epoch=0)
+    replica = ManagerReplica(rig.manager.state, rig.manager.guard, lock=rig.manager.intake.lock)
+    shipped = torch.load(io.BytesIO(replica.export_state()), weights_only=True)
+    assert shipped["extra"]["checkpoints"] == [0]
+    assert_same(shipped["latest_checkpoint"], checkpoints.load(0, map_location="cpu"))
 
 
 def _weights(rig: Rig, epoch: int) -> dict[str, torch.Tensor]:
