@@ -35,7 +35,10 @@ class StaticKDLoss(nn.Module):
     """KD loss at a fixed temperature: ``T²·KL(softmax(t/T) ‖ softmax(s/T))`` via ``kd_kl_loss``.
 
     The teacher logits are detached (the teacher never gets a gradient); the student's gradient
-    is kept, so the loss trains whatever produced ``student_logits``.
+    is kept, so the loss trains whatever produced ``student_logits``. They are read as
+    ``seed_kd_loss`` reads them: a row holding a NaN or ``+inf``, or only ``-inf``, is masked
+    (beside the rows ``mask`` drops), float64 logits are read in fp32, and float64 student and
+    teacher logits take the float64 reference.
 
     Head path: ``forward(hidden, teacher_logits, student_weight=W)`` (optionally
     ``student_bias``, and ``teacher_hidden``/``teacher_weight``/``teacher_bias`` instead of
@@ -106,17 +109,26 @@ class StaticKDLoss(nn.Module):
             shaped = [k for k, v in opts.items() if v is not None and k != "chunk_rows"]
             if shaped:  # they shape a head's logits; given logits are taken as they are
                 raise ValueError(f"{', '.join(shaped)} apply to a head: pass student_weight")
-            return kd_kl_loss(
-                student_logits,
-                teacher_logits.detach(),
-                temperature=self.temperature,
-                reduction=self.reduction,
-                mask=mask,
+            return _taught_loss(
+                student_logits, teacher_logits, self.temperature, self.reduction, mask
             )
         if torch.is_autocast_enabled(student_logits.device.type):  # as the slots' KD does:
             student_logits = student_logits.to(student_weight.dtype)  # the hidden, not the head
             if teacher_hidden is not None and teacher_weight is not None:
                 teacher_hidden = teacher_hidden.to(teacher_weight.dtype)
+        if teacher_logits is not None and all(
+            t is None for t in (teacher_hidden, teacher_weight, teacher_bias)
+        ):
+            return _taught_loss(
+                student_logits,
+                teacher_logits,
+                self.temperature,
+                self.reduction,
+                mask,
+                head_weight=student_weight,
+                head_bias=student_bias,
+                **self.head_options,
+            )
         return fused_linear_kd_loss(
             student_logits,
             student_weight,
@@ -157,7 +169,33 @@ def seed_kd_loss(
     among finite ones is a class the teacher rules out (probability 0, as ``kd_kl_loss``
     defines it): its row still teaches. A float64 student (a slot of an fp64 model, in a
     gradient check) takes the float64 reference, differentiable by autograd; a float64
-    teacher of a narrower student is read in fp32, as the kernel reads the others."""
+    teacher of a narrower student is read in fp32, as the kernel reads the others.
+    ``StaticKDLoss`` computes its loss the same way."""
+    return _taught_loss(
+        student,
+        teacher,
+        config.temperature,
+        config.reduction,
+        None,
+        head_weight=head_weight,
+        head_bias=head_bias,
+    )
+
+
+def _taught_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    reduction: str,
+    mask: torch.Tensor | None,
+    *,
+    head_weight: torch.Tensor | None = None,
+    head_bias: torch.Tensor | None = None,
+    **head_options: float | int | None,
+) -> torch.Tensor:
+    """``seed_kd_loss``'s loss at ``temperature`` and ``reduction``, the rows ``mask`` drops
+    (a bool tensor of the teacher's leading dims, or None) dropped too; ``head_options`` go to
+    ``fused_linear_kd_loss`` with the head."""
     if problem := dense_float_problem(teacher):  # a stand-alone seed's, never checked before
         raise ValueError(f"teacher logits must be a dense floating-point tensor, got {problem}")
     teacher = teacher.detach()
@@ -167,27 +205,36 @@ def seed_kd_loss(
         head_weight is not None or student.dtype != teacher.dtype
     ):
         teacher = teacher.float()  # first: a row finite in fp64 only is masked as bad
+    if head_weight is None and teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher logits of shape {tuple(teacher.shape)} do not match the student's "
+            f"{tuple(student.shape)}"
+        )
     rows_ok = teacher.amax(-1).isfinite()
-    if head_weight is None:
-        if teacher.shape != student.shape:
+    if mask is not None:  # checked first: ``&`` would broadcast a mask of another shape
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a bool tensor")
+        if mask.shape != rows_ok.shape or mask.device != rows_ok.device:
             raise ValueError(
-                f"teacher logits {tuple(teacher.shape)} != student {tuple(student.shape)}"
+                f"mask {tuple(mask.shape)} on {mask.device} must equal the teacher logits' "
+                f"leading dims {tuple(rows_ok.shape)} on {rows_ok.device}"
             )
+        rows_ok = rows_ok & mask
+    if head_weight is None:
         if head_bias is not None:
             raise ValueError("head_bias needs head_weight")
         if student.dtype == torch.float64:
-            return kd_kl_loss_reference(
-                student, teacher, config.temperature, config.reduction, rows_ok
-            )
-        return kd_kl_loss(student, teacher, config.temperature, config.reduction, rows_ok)
+            return kd_kl_loss_reference(student, teacher, temperature, reduction, rows_ok)
+        return kd_kl_loss(student, teacher, temperature, reduction, rows_ok)
     return fused_linear_kd_loss(
         student,
         head_weight,
         teacher,
         student_bias=head_bias,
-        temperature=config.temperature,
-        reduction=config.reduction,
+        temperature=temperature,
+        reduction=reduction,
         mask=rows_ok,
+        **head_options,  # type: ignore[arg-type]
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kasmina.kd.config import KDConfig
-from kasmina.kd.loss import checked_teacher_logits, seed_kd_loss
+from kasmina.kd.loss import StaticKDLoss, checked_teacher_logits, seed_kd_loss
 
 
 @pytest.mark.parametrize("shape", [(2, 0), ()])
@@ -36,3 +36,58 @@ def test_logits_moved_to_a_slots_device_inside_inference_mode_are_ordinary_tenso
         kept = checked_teacher_logits(teacher, torch.device("cpu"))
     assert moved is not None and moved.device.type == "meta" and not moved.is_inference()
     assert kept is not None and not kept.is_inference()
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_static_kd_loss_reads_teacher_logits_as_the_seeds_kd_does(head: bool) -> None:
+    """``StaticKDLoss`` masks a teacher row holding a NaN or ``+inf`` and reads float64 teacher
+    logits in fp32, as ``seed_kd_loss`` does: it gave NaN for the whole batch, and refused the
+    float64 logits, where a seed's KD over the same tensors gave the loss of the good rows."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 6)
+    hidden = torch.randn(5, 4)
+    teacher = torch.randn(5, 6, dtype=torch.float64)
+    teacher[1, 2], teacher[3, 0] = float("nan"), float("inf")
+    extra = {"student_weight": linear.weight, "student_bias": linear.bias} if head else {}
+    student = hidden if head else linear(hidden)
+    got = StaticKDLoss(2.0)(student, teacher, **extra)
+    config = KDConfig(temperature=2.0)
+    want = seed_kd_loss(
+        config,
+        student,
+        teacher,
+        head_weight=linear.weight if head else None,
+        head_bias=linear.bias if head else None,
+    )
+    keep = torch.tensor([True, False, True, False, True])
+    good = StaticKDLoss(2.0)(student[keep], teacher[keep].float(), **extra)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, good)
+    got.backward()
+    assert torch.isfinite(linear.weight.grad).all()
+
+
+def test_static_kd_loss_keeps_its_own_mask_beside_the_bad_rows() -> None:
+    """A caller's mask and the teacher's bad rows both drop rows; a mask of another shape is
+    refused rather than broadcast over the rows."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    teacher[0, 1] = float("nan")
+    mask = torch.tensor([True, True, False, True])
+    loss = StaticKDLoss(reduction="none")(student, teacher, mask)
+    assert loss[0] == 0 and loss[2] == 0 and (loss[[1, 3]] > 0).all()
+    with pytest.raises(ValueError, match="leading dims"):
+        StaticKDLoss()(student, teacher, torch.tensor([True]))
+    with pytest.raises(ValueError, match="bool tensor"):
+        StaticKDLoss()(student, teacher, torch.ones(4))
+
+
+def test_static_kd_loss_of_float64_logits_is_the_float64_reference() -> None:
+    """float64 student and teacher (a gradient check) take the float64 reference, as a seed's
+    KD does: ``StaticKDLoss`` refused them."""
+    torch.manual_seed(0)
+    student = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 4, dtype=torch.float64)
+    kd = StaticKDLoss(1.5)
+    assert torch.autograd.gradcheck(lambda s: kd(s, teacher), (student,))
