@@ -239,6 +239,10 @@ class KasminaConfig:
     teacher_dtype: str = "bfloat16"
     # Checkpoint (state dict) of the teacher; None = the caller hands a teacher model in.
     teacher_checkpoint_path: str | None = None
+    # A teacher forward slower than this (milliseconds) logs a warning, rate-limited, and counts
+    # in the teacher's figures ("slow_count", "within_budget"); it is never cut short. > 0; inf:
+    # no forward is slow.
+    teacher_budget_ms: float = 10.0
 
     # --- Telemetry ------------------------------------------------------------------------
     # When set, every telemetry packet is appended to this JSON-lines file (a regular file).
@@ -408,6 +412,12 @@ class KasminaConfig:
             raise ValueError(
                 f"teacher_dtype must be one of {_TEACHER_DTYPES}, got {self.teacher_dtype!r}"
             )
+        self.teacher_budget_ms = bounded_number(
+            "teacher_budget_ms",
+            self.teacher_budget_ms,
+            "a number > 0 (inf: no forward is slow)",
+            lambda ms: ms > 0,
+        )
         self.telemetry_jsonl_max_bytes = check_int(
             "telemetry_jsonl_max_bytes", self.telemetry_jsonl_max_bytes, 1
         )
@@ -509,9 +519,10 @@ class KasminaConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (``kd`` as a nested dict). A checkpoint directory left to its
         default is given as "" (still the default), so ``from_dict`` of it with another run id
-        uses that run's directory; one set explicitly is kept. ``g5_max_metric_drop=inf`` is
-        a float inf: ``json.dumps`` writes ``Infinity``, which Python reads back (a strict
-        JSON parser does not: write such a config with ``allow_nan`` and read it with Python)."""
+        uses that run's directory; one set explicitly is kept. ``g5_max_metric_drop=inf`` (or
+        ``teacher_budget_ms``) is a float inf: ``json.dumps`` writes ``Infinity``, which Python
+        reads back (a strict JSON parser does not: write such a config with ``allow_nan`` and
+        read it with Python)."""
         data = dataclasses.asdict(self)
         for name, value in getattr(self, "_defaulted_dirs", {}).items():
             if data[name] == value:  # not reassigned since

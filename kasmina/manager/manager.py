@@ -305,7 +305,7 @@ class KasminaKernelManager(AbstractContextManager["KasminaKernelManager"]):
         teacher = new_teacher(self.state, model, device, copy_model)  # closed: RuntimeError
         with self._lock:  # a safe point's command reads the teacher; close() holds it too
             self.state.hold_teacher(teacher)  # closed since: teacher closed, RuntimeError
-            self.teacher_passes = TeacherForwardPassManager(teacher)
+            self.teacher_passes = TeacherForwardPassManager(teacher, self.config.teacher_budget_ms)
         if not self.config.kd_enabled:
             logger.warning("a teacher was loaded but config.kd_enabled is False: no KD losses")
         return teacher

@@ -251,3 +251,21 @@ def test_a_kd_alpha_of_zero_trains_no_seed(tmp_path: Path, store: Path, keyring,
     assert all(p.grad is None for p in rig.manager.seed(SEED0).seed_parameters())
     assert rig.manager.step()["seeds_stepped"] == []
     assert not rig.manager.seed(SEED0).trained_this_epoch
+
+
+@pytest.mark.parametrize("budget_ms", [1e-6, float("inf")])
+def test_the_teacher_budget_is_the_configs(
+    tmp_path: Path, store: Path, keyring: Keyring, budget_ms: float
+) -> None:
+    """``teacher_budget_ms`` sets the budget a teacher forward is timed against: it was 10 ms,
+    whatever the run's teacher (a large one was slow at every step, a warning each 100th)."""
+    config = make_config(tmp_path, store, kd_enabled=True, teacher_budget_ms=budget_ms)
+    rig = Rig(config, keyring, record=False)
+    try:
+        rig.manager.load_teacher(torch.nn.Linear(6, 4))
+        assert rig.manager.get_teacher_predictions(rig.x) is not None
+        passes = rig.manager.teacher_passes
+        assert passes.budget_ms == budget_ms
+        assert passes.slow_count == (1 if budget_ms < 1 else 0)
+    finally:
+        rig.manager.close()
