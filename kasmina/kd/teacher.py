@@ -81,8 +81,9 @@ class CheckpointedTeacher:
 
     ``forward`` runs under ``torch.inference_mode``, with a caller's autocast off (the teacher
     computes in its own dtype). Floating inputs are moved to the teacher's device and cast to
-    its dtype, finite values saturating at its range (an fp32 mask at fp32's min stays finite;
-    integer inputs such as token ids keep their dtype). Logits come
+    its dtype, finite values past its range saturating at half of it (an fp32 mask at fp32's min
+    stays finite, with room for the scores added to it; integer inputs such as token ids keep
+    their dtype). Logits come
     back as ``output_dtype`` (fp32 by default; ``None`` keeps the teacher dtype) and as ordinary
     tensors, not inference tensors, so any loss may save them for its backward. This is not an
     ``nn.Module`` on purpose: assigning it to a student never registers the teacher's weights.
@@ -238,8 +239,10 @@ class CheckpointedTeacher:
             t = t.to(device=self.device)
             big = torch.finfo(self.dtype).max
             if torch.finfo(t.dtype).max > big:  # saturated, not overflowed: an additive mask
-                # at fp32's min became -inf in bf16, and a row it masks whole NaN
-                t = torch.where(t.isinf(), t, t.clamp(-big, big))
+                # at fp32's min became -inf in bf16, and a row it masks whole NaN. At half the
+                # range, not its edge: fp16's -65504 plus a score below -16 overflowed again.
+                beyond = t.isfinite() & (t.abs() > big)
+                t = torch.where(beyond, t.sign() * (big / 2), t)
             return t.to(dtype=self.dtype)
         return t.to(device=self.device)
 

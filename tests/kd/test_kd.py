@@ -355,6 +355,41 @@ def test_a_float_input_past_the_teachers_range_saturates(dtype: torch.dtype) -> 
     assert CheckpointedTeacher(model, dtype=dtype)(batch)[0, 0].isnan().all()
 
 
+class _NegativeScores(nn.Module):
+    """Attention over 4 keys whose scores are all about -40 (a bias): below -16, fp16's
+    headroom under its minimum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score, self.v, self.out = nn.Linear(IN, 4), nn.Linear(IN, IN), nn.Linear(IN, CLASSES)
+        with torch.no_grad():
+            self.score.bias.fill_(-40.0)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.out((self.score(x) + bias).softmax(-1) @ self.v(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_mask_past_the_teachers_range_leaves_headroom_for_the_scores(dtype: torch.dtype) -> None:
+    """Saturated at fp16's minimum (-65504), an fp32 mask plus a score below -16 overflowed to
+    -inf again, and a row it masks whole was NaN (bf16 had the headroom). Saturated at half the
+    range, the row is finite and close to the fp32 teacher's (an even attention), and a row
+    masked in part is exactly what a ``-inf`` mask gives (its masked keys weigh 0 either way)."""
+    torch.manual_seed(0)
+    model = _NegativeScores()
+    x, bias = torch.randn(2, 4, IN), torch.zeros(2, 4, 4)
+    bias[0, 0, :] = torch.finfo(torch.float32).min  # a query that sees no key
+    bias[1, :, 2:] = torch.finfo(torch.float32).min  # queries that see two keys
+    teacher = CheckpointedTeacher(model, dtype=dtype)
+    want = CheckpointedTeacher(model, dtype=torch.float32)({"x": x, "bias": bias})
+    got = teacher({"x": x, "bias": bias})
+    assert got.isfinite().all()
+    tolerance = LOGIT_TOLERANCE[dtype] * float(want.abs().max())
+    torch.testing.assert_close(got[0, 0], want[0, 0], rtol=0, atol=tolerance)
+    ruled_out = bias.masked_fill(bias < 0, -math.inf)
+    torch.testing.assert_close(got[1], teacher({"x": x, "bias": ruled_out})[1], rtol=0, atol=0)
+
+
 def test_a_batch_of_keyword_inputs_reaches_the_teacher_with_its_attention_mask() -> None:
     """A Hugging Face batch (``input_ids`` and ``attention_mask``) was refused (a tensor
     only), and ``input_ids`` alone gave a left-padded row's real positions logits computed
