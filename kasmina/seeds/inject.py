@@ -206,7 +206,7 @@ def attach(
 
     Each slot gets ``seeds_per_layer`` DORMANT seeds of ``chunk_size`` features along
     ``chunk_dim`` (default: channels, dim 1, for a ``ConvNd``; the last dim otherwise) of its
-    output, or of element ``output_index`` of a tuple, list or dataclass output; their product
+    output, or of element ``output_index`` of a tuple, list, dataclass or dict output; their product
     must equal that width. Seed ``k`` of the slot at ``name`` is called ``"<name>[k]"``. The
     slots share ``state`` (default: a new table of ``len(slots) * seeds_per_layer`` seeds on the
     model's device); slot ``i`` holds rows ``b + i * seeds_per_layer ...`` and REGION_ID

@@ -3,8 +3,8 @@
 **The slot contract.** Seed ``k`` owns chunk ``k`` (``chunk_size`` wide) of one dimension of
 one tensor of the host's output:
 
-- the tensor is the output itself, or, for a tuple, list or dataclass output (a Hugging Face
-  ``ModelOutput``, an attention module's ``(output, weights)``), the element at
+- the tensor is the output itself, or, for a tuple, list, dataclass or dict (its values in order)
+  output (``ModelOutput``, an attention module's ``(output, weights)``), the element at
   ``output_index`` (default 0); every other element passes through untouched;
 - the dimension is ``chunk_dim``: by default the channels (dim 1) of a ``ConvNd`` and the last
   dimension of everything else (Linear, Hugging Face ``Conv1D``, attention, whole blocks).
@@ -130,7 +130,7 @@ class KasminaLayer(HostForwarding):
     module docstring), in the host's train/eval mode.
 
     ``chunk_dim`` (default: :func:`default_chunk_dim`) is the dimension split; ``output_index``
-    the element of a tuple, list or dataclass output the seeds apply to (``output_index_problem``).
+    the element of a tuple, list, dataclass or dict output for the seeds (``output_index_problem``).
     ``state``/``state_offset`` place the seeds in a shared table (``kasmina.attach`` does this);
     otherwise the layer makes its own table on the host's device. ``region_id`` is written to each
     seed's REGION_ID column. ``fault_limit`` is given to every seed (each counts its own faults)."""

@@ -2,8 +2,9 @@
 dimension and how wide (as far as the module declares it), and putting the result back.
 
 A host's forward may return a tensor, a tuple or list (an attention module's ``(output,
-weights)``), a namedtuple, or a dataclass such as a Hugging Face ``ModelOutput``. The seeds
-apply to the element at the slot's ``output_index``; everything else passes through untouched,
+weights)``), a namedtuple, a dataclass such as a Hugging Face ``ModelOutput``, or a dict (its
+values in order, as a ``ModelOutput`` is indexed). The seeds apply to the element at the slot's
+``output_index``; everything else passes through untouched,
 and the output keeps its type.
 
 A nested (ragged) tensor reaches a slot from ``nn.TransformerEncoder``'s inference path with a
@@ -16,6 +17,7 @@ layer's fused path from skipping a slot while its seeds run is at the end (``for
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -249,6 +251,9 @@ def output_element(out: Any, index: int) -> Any:
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         names = _present_fields(out)
         return getattr(out, names[index]) if -len(names) <= index < len(names) else None
+    if isinstance(out, dict):  # its values in order, as a ModelOutput's
+        values = list(out.values())
+        return values[index] if -len(values) <= index < len(values) else None
     return out
 
 
@@ -291,6 +296,10 @@ def replace_output_element(out: Any, index: int, new: torch.Tensor) -> Any:
         return items
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         return dataclasses.replace(out, **{_present_fields(out)[index]: new})  # type: ignore[type-var]
+    if isinstance(out, dict):  # its type, a subclass's too (TorchDynamo traces a dict's copy)
+        replaced = dict(out) if type(out) is dict else copy.copy(out)
+        replaced[list(out)[index]] = new
+        return replaced
     return new
 
 

@@ -189,6 +189,36 @@ def test_a_structseq_output_keeps_its_type_once_a_seed_runs() -> None:
     torch.testing.assert_close(out.values[:, :2], slot.seed(0).kernel(bare.values[:, :2]))
 
 
+@pytest.mark.parametrize("index", [1, -1])
+def test_a_dict_output_is_indexed_by_its_values(index: int) -> None:
+    """A host returning a plain dict: the seeds apply to its value at ``output_index`` (its
+    values in order, as a ``ModelOutput`` is indexed) and the dict, its other values and its
+    key order stand. A dict was no container: every call sat out ("holds a dict")."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"scores": x.sum(-1), "hidden": self.proj(x)}
+
+    model = nn.Sequential(Heads())
+    x = torch.randn(3, 4)
+    bare = model(x)
+    slot = attach(model, ["0"], 2, 2, output_index=index)[0]
+    model(x)
+    slot.seed(0).attach_kernel(kernel(2, 1))
+    walk(slot.seed(0), S.STABILIZATION)
+    out = model(x)
+    assert type(out) is dict and list(out) == ["scores", "hidden"]
+    assert torch.equal(out["scores"], bare["scores"])
+    assert torch.equal(out["hidden"][:, 2:], bare["hidden"][:, 2:])
+    torch.testing.assert_close(out["hidden"][:, :2], slot.seed(0).kernel(bare["hidden"][:, :2]))
+    assert output_element(out, index) is out["hidden"] and output_element(out, 2) is None
+
+
 def test_an_output_index_the_host_class_cannot_have_is_refused_leaving_the_model() -> None:
     """A Linear, Conv or Embedding returns one tensor and a MultiheadAttention a pair: an
     ``output_index`` past them is refused by ``attach``, as ``kasmina.load`` refuses it (else
