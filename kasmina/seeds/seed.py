@@ -79,6 +79,7 @@ from kasmina.seeds.kd_faults import seed_kd_or_fault
 from kasmina.seeds.kernel_watch import kernel_changed
 from kasmina.seeds.load_hooks import check_seed_state, seed_load_pre_hook
 from kasmina.seeds.recompute import RegionRuns, checkpoint_region
+from kasmina.seeds.side_effects import marked_random
 from kasmina.seeds.stage_entry import enter, settle
 from kasmina.seeds.table import GPUStateTensor
 from kasmina.stages import (
@@ -331,9 +332,8 @@ class GradientIsolatedSeed(nn.Module):
 
     # -- kernel --------------------------------------------------------------------------
     def attach_kernel(self, module: nn.Module, artifact_id: str | None = None) -> None:
-        """Install the seed's module (moved to the seed's device, in the seed's mode).
-
-        Refused while a kernel is running (ISOLATED_INIT .. ACTIVE): no hot swaps mid-training."""
+        """Install the seed's module (on the seed's device, in its mode, ``marked_random``);
+        refused while a kernel is running (ISOLATED_INIT .. ACTIVE): no hot swaps mid-training."""
         if not isinstance(module, nn.Module):
             raise ValueError(f"a seed kernel must be an nn.Module, got {type(module).__name__}")
         if self.kernel is not None and self.stage in RUNS_KERNEL:
@@ -341,7 +341,7 @@ class GradientIsolatedSeed(nn.Module):
         if hazard := getattr(module, "seed_hazard", None):  # GPUKernel: read from its program
             raise ValueError(f"seed {self.seed_id}: the kernel {hazard}")
         module.train(self.training)  # (a user's ``train()`` may not return the module)
-        self.kernel = module.to(self.alpha.device)
+        self.kernel = marked_random(module).to(self.alpha.device)
         self.__dict__.pop("_kernel_tree", None)
         blueprint = artifact_id if artifact_id is not None else getattr(module, "artifact_id", "")
         self.state_table.set_blueprint(self.state_index, str(blueprint or ""))

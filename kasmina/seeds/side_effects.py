@@ -41,6 +41,7 @@ __all__ = [
     "island_saves",
     "keep_finite",
     "kept_buffers",
+    "marked_random",
     "own_stream",
 ]
 
@@ -158,6 +159,24 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
             same = version_count(buffer) == version and torch.equal(buffer, saved)
             if buffer.shape == saved.shape and not same:
                 buffer.data.copy_(saved)  # ``.data``: recorded by no graph
+
+
+# The layers that draw random numbers in training: a plain module holding one draws.
+_RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout, nn.RReLU)  # fmt: skip
+
+
+def marked_random(kernel: nn.Module) -> nn.Module:
+    """``kernel``, marked ``draws_random`` (what an artifact's program says of itself) when it
+    is a plain module holding a random layer: the guard then runs it forked on its own stream
+    before ACTIVE (``faults.call_kernel``), as it runs such an artifact. Unmarked, its draws
+    shifted the global stream, and so every later dropout mask of the host's. Random calls in
+    a plain module's own forward (``F.dropout``, ``torch.rand``) are not seen."""
+    if "draws_random" not in vars(kernel):
+        drawing = (m for m in kernel.modules() if isinstance(m, _RANDOM_LAYERS))
+        if any(getattr(m, "p", 1.0) > 0 for m in drawing):
+            kernel.draws_random = True
+    return kernel
 
 
 def own_stream(

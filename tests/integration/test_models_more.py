@@ -374,3 +374,40 @@ def test_model_to_bfloat16_after_attach_casts_the_seeds_too(stage: SeedStage) ->
     assert all(p.dtype == torch.bfloat16 for s in slots for p in s.seed(0).seed_parameters())
     assert all(s.output_contract[1] == torch.bfloat16 for s in slots)
     assert faults(slots) == [0] * len(faults(slots))
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout, nn.AlphaDropout, nn.RReLU], ids=lambda m: m.__name__)
+def test_a_plain_kernel_that_draws_leaves_the_hosts_dropout_as_a_dormant_seeds(
+    layer: type[nn.Module],
+) -> None:
+    """A GPT-2 training with dropout, a seed's plain ``nn.Module`` kernel holding a random layer:
+    before ACTIVE the kernel draws on a forked stream of its own, so the host's dropout masks,
+    output and gradients are the bare model's bit for bit (the kernel's draws shifted the
+    global stream and with it every later host mask)."""
+    from tests.integration.models import tiny_gpt2
+
+    def build() -> nn.Module:
+        model = tiny_gpt2()
+        model.config.resid_pdrop = model.config.embd_pdrop = 0.1
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.1
+        return model.train()
+
+    bare, model = build(), build()
+    slots = attach(model, ["mlp.c_proj"], 2, 16)
+    for slot in slots:
+        slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(16, 16), layer()))
+        slot.seed(0).transition_to(S.ISOLATED_INIT)
+    ids = _ids(128)
+    torch.manual_seed(5)
+    want = bare(ids).logits
+    want.pow(2).mean().backward()
+    torch.manual_seed(5)
+    got = model(ids).logits
+    got.pow(2).mean().backward()
+    assert torch.equal(got, want)
+    grads = host_grads(model)
+    assert all(torch.equal(grads[n], g) for n, g in host_grads(bare).items())
+    assert all(p.grad is not None for s in slots for p in s.seed(0).seed_parameters())
+    assert faults(slots) == [0] * len(faults(slots))
