@@ -35,8 +35,9 @@ def sgd(params: list[nn.Parameter], fused: bool, options: dict) -> torch.optim.S
         {"momentum": 0.9, "weight_decay": 0.01},
         {"momentum": 0.9, "nesterov": True, "maximize": True},
         {"momentum": 0.9, "dampening": 0.5, "weight_decay": 0.01},
+        {"momentum": 0.9, "dampening": 0.5, "maximize": True},
     ],
-    ids=["plain", "nesterov", "dampening"],
+    ids=["plain", "nesterov", "dampening", "dampening-maximize"],
 )
 def test_a_promotion_that_mixes_buffers_steps_as_unfused_sgd(path: str, options: dict) -> None:
     """INITIALIZE_HOST after a seed went ACTIVE under ``host_lr=None`` (the seed's buffers beside
@@ -242,4 +243,78 @@ def test_a_step_a_grad_scaler_skips_gives_no_buffer() -> None:
     put(hp + sp, [g * scale for g in grads(hp + sp, 3)]), put(rhp + rsp, grads(hp + sp, 3))
     scaler.step(host_opt), reference.step()
     assert_matches(hp + sp, rhp + rsp, host_opt, reference)
+    assert hooks(host_opt) == 0
+
+
+def test_a_skipped_step_that_raised_gives_its_buffers_back_at_the_next() -> None:
+    """A step a GradScaler skips that raises after the first buffers were made (another pre
+    hook, the fused kernel) runs no post hook: the buffers made from its infinite gradients
+    are taken back at the next step, which starts them from its own gradients as unfused SGD
+    would (kept, the parameters' momentum stayed infinite for good)."""
+    opts, hp, sp, reference, rhp, rsp = promoted_beside_buffers()
+    host_opt = opts.optimizer("host")
+
+    def refuse(*_args: object) -> None:
+        raise RuntimeError("a later pre hook refused the step")
+
+    refusing = host_opt.register_step_pre_hook(refuse)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))
+    put(hp + sp, [g * 8.0 for g in grads(hp + sp, 2)])
+    sp[0].grad[0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match="refused the step"):
+        scaler.step(host_opt)
+    refusing.remove()
+    del host_opt.grad_scale, host_opt.found_inf  # GradScaler leaves them after a raise
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))
+    put(hp + sp, [g * 4.0 for g in grads(hp + sp, 3)]), put(rhp + rsp, grads(hp + sp, 3))
+    scaler.step(host_opt), reference.step()
+    assert_matches(hp + sp, rhp + rsp, host_opt, reference)
+    assert hooks(host_opt) == 0
+
+
+def test_a_second_promotion_after_the_first_settled_gets_its_first_buffers() -> None:
+    """The hook of a first promotion, gone once none of its parameters is bare, leaves the
+    optimizer's entry: a second promotion into the same group (a fresh seed, no buffers
+    beside the host's) gets a hook of its own that gives them, as unfused SGD starts them."""
+    opts, hp, sp, reference, rhp, rsp = promoted_beside_buffers()
+    host_opt = opts.optimizer("host")
+    put(hp + sp, grads(hp + sp, 2)), put(rhp + rsp, grads(hp + sp, 2))
+    assert opts.step("host")
+    reference.step()
+    assert hooks(host_opt) == 0
+    torch.manual_seed(1)
+    second = list(nn.Linear(3, 3).parameters())
+    ref_second = [p.detach().clone().requires_grad_() for p in second]
+    opts.create_seed_optimizer("t", second, lr=0.1, fused=True, **DAMPENED)
+    opts.promote_seed("t")
+    reference.add_param_group({"params": ref_second, "lr": 0.1, **DAMPENED})
+    everything, ref_everything = hp + sp + second, rhp + rsp + ref_second
+    for k in (3, 4):
+        put(everything, grads(everything, k)), put(ref_everything, grads(everything, k))
+        assert opts.step("host")  # the fused step met bare parameters: it raised
+        reference.step()
+        assert_matches(everything, ref_everything, host_opt, reference)
+    assert hooks(host_opt) == 0
+
+
+def test_a_state_loaded_while_parameters_wait_keeps_their_loaded_buffers() -> None:
+    """A parameter waiting for its first buffer that a load gave one (a state saved after that
+    step, into the live manager) keeps the loaded buffer: none is made over it."""
+    opts, hp, sp, reference, rhp, rsp = promoted_beside_buffers()
+    twin, thp, tsp, _, _, _ = promoted_beside_buffers()  # the same run, one step further
+    put(thp + tsp, grads(hp + sp, 2)), put(rhp + rsp, grads(hp + sp, 2))
+    assert twin.step("host")
+    reference.step()
+    opts.load_state_dict(copy.deepcopy(twin.state_dict()))
+    with torch.no_grad():
+        for p, q in zip(hp + sp, thp + tsp, strict=True):
+            p.copy_(q)
+    host_opt = opts.optimizer("host")
+    for k in (3, 4):
+        put(hp + sp, grads(hp + sp, k)), put(rhp + rsp, grads(hp + sp, k))
+        assert opts.step("host")
+        reference.step()
+        assert_matches(hp + sp, rhp + rsp, host_opt, reference)
     assert hooks(host_opt) == 0
