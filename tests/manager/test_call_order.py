@@ -218,8 +218,30 @@ def test_a_command_executed_while_a_forwards_graph_is_open_is_refused(rig: Rig, 
     assert rig.stage(SEED0) == S.ISOLATED_INIT and manager.seed(SEED0).kernel is not None
     after = rig.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # A command that neither frees a kernel nor rewrites weights runs with the graph open.
+    germinate = to_kasmina_command(make_seed_command("germinate", SEED1, mlp, {}))
+    assert isinstance(germinate, KasminaCommand)
+    assert manager.execute(germinate) and rig.stage(SEED1) == S.ISOLATED_INIT
     manager.backward(F.cross_entropy(out, rig.y))
     assert not manager.execute(command) and rig.stage(SEED0) == S.ISOLATED_INIT
     assert manager.step()["seeds_stepped"] == [SEED0]
     assert manager.execute(command)  # a safe point now
     assert rig.stage(SEED0) == (S.COOLDOWN if kind == "cull" else S.ISOLATED_INIT)
+
+
+def test_a_terminate_executed_while_a_forwards_graph_is_open_is_refused(rig: Rig, mlp) -> None:
+    """A TERMINATE releases the seed's kernel as a CULL does: refused while a forward's graph
+    may still use it, applied after the step."""
+    manager = rig.manager
+    assert rig.send("germinate", SEED0, mlp)
+    rig.train(1)
+    manager.seed(SEED0).transition_to(S.QUARANTINE)  # a stage TERMINATE leaves
+    command = to_kasmina_command(make_seed_command("terminate", SEED0, "", {}))
+    assert isinstance(command, KasminaCommand)
+    out = rig.model(rig.x)
+    assert not manager.execute(command)
+    assert "recorded a graph" in manager.command_log[-1][3]
+    assert rig.stage(SEED0) == S.QUARANTINE and manager.seed(SEED0).kernel is not None
+    manager.backward(F.cross_entropy(out, rig.y))
+    manager.step()
+    assert manager.execute(command) and rig.stage(SEED0) == S.TERMINATED
