@@ -144,7 +144,11 @@ def test_a_teacher_switched_to_train_each_step_warns_rarely(
     with caplog.at_level(logging.WARNING, logger="kasmina.kd.teacher"):
         for _ in range(every):
             teacher.teacher.train()
-            teacher(inputs(2))
+            x = inputs(2)
+            got = teacher(x)
+            assert not teacher.teacher.training  # put back in eval, as the warning says
+            with torch.no_grad():
+                assert torch.equal(got, teacher.teacher(x))  # no dropout drawn
     warned = [r for r in caplog.records if "returning it to eval mode" in r.getMessage()]
     assert len(warned) == 2 and teacher.train_mode_count == every
 

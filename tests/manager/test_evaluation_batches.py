@@ -234,3 +234,57 @@ def test_a_loss_that_changes_its_targets_in_place_scores_each_forward_on_the_bat
         want = F.mse_loss(registry.model(x), 2.0 * y).item()
     assert results["fc[0]"].loss_with == pytest.approx(want, rel=1e-6)
     assert results["fc[0]"].loss_without == pytest.approx(want, rel=1e-6)
+
+
+Features = collections.namedtuple("Features", "features")
+
+
+class _ScalesItsInputsInPlace(nn.Module):
+    """A model that writes its batch in place before a slot, in one of the forms a batch's
+    inputs take: a mapping's value, a namedtuple's field, a ``PackedSequence``'s data."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.lstm = nn.LSTM(3, 3)
+        self.fc = KasminaLayer(nn.Linear(3, 4), 2, 2, layer_id="fc")
+
+    def forward(self, batch: object = None, x: torch.Tensor | None = None) -> torch.Tensor:
+        if self.form == "mapping":
+            return self.fc(x.mul_(2.0))
+        if self.form == "namedtuple":
+            return self.fc(batch.features.mul_(2.0))  # read by name: rebuilt as itself
+        batch.data.mul_(2.0)
+        _, (h, _) = self.lstm(batch)
+        return self.fc(h[-1])
+
+
+@pytest.mark.parametrize("form", ["mapping", "namedtuple", "packed"])
+def test_inputs_in_any_form_a_model_changes_in_place_are_each_forwards_own(form: str) -> None:
+    """Each forward of a batch gets its own copy of the inputs through a mapping, a namedtuple
+    (rebuilt as that namedtuple) and a ``PackedSequence``, as of a bare tensor: a seed that
+    changes nothing measures no change, on the batch as given."""
+    torch.manual_seed(0)
+    model = _ScalesItsInputsInPlace(form)
+    registry = SlotRegistry(model, [model.fc])
+    seed = model.fc.seeds[0]
+    seed.attach_kernel(Scale(1.0))
+    for stage in _TO_STABILIZATION:
+        seed.transition_to(stage)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, generator=gen)
+    if form == "mapping":
+        inputs, fresh = {"x": x}, lambda: {"x": x.clone()}
+    elif form == "namedtuple":
+        inputs, fresh = (Features(x),), lambda: (Features(x.clone()),)
+    else:
+        packed = pack_sequence([x[:3], x[3:]])
+        inputs, fresh = packed, lambda: packed._replace(data=packed.data.clone())
+    y = torch.randn(4 if form != "packed" else 2, 4, generator=gen)
+    given = fresh()
+    result = evaluate_seeds(registry, [(inputs, y)], F.mse_loss)["fc[0]"]
+    assert result.loss_without == result.loss_with
+    with torch.no_grad():
+        args = given if form == "namedtuple" else (given,)
+        out = model(**given) if form == "mapping" else model(*args)
+    assert result.loss_with == pytest.approx(F.mse_loss(out, y).item(), rel=1e-6)
