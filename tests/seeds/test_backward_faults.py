@@ -269,3 +269,28 @@ def test_a_kernel_whose_backward_raises_is_charged_though_its_input_was_written_
         h.mul_(2.0)
         loss.backward()
     assert seed.faults == 3 and seed.stage == S.QUARANTINE
+
+
+class _WritesWhatItSaved(nn.Module):
+    """A kernel that writes in place a tensor its own graph saved (``exp`` saves its result):
+    autograd refuses its backward with the stale-graph words, though neither its weights nor
+    its input changed."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((width,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale).exp().mul_(0.5)
+
+
+@pytest.mark.parametrize("stage", [S.GRAFTING, S.STABILIZATION], ids=lambda s: s.name)
+def test_a_kernel_that_staled_its_own_graph_is_charged(stage: SeedStage) -> None:
+    """The stale-graph words excuse a kernel only where its weights or its input changed after
+    its forward (the model's or the caller's doing): a kernel that writes what its own graph
+    saved is at fault, charged at each backward and quarantined at its limit."""
+    seed = make_seed(_WritesWhatItSaved(C), stage, fault_limit=3)
+    up = nn.Linear(4, C)
+    for _ in range(3):
+        seed(up(torch.randn(BATCH, 4))).pow(2).sum().backward()
+    assert seed.faults == 3 and seed.stage == S.QUARANTINE
