@@ -281,6 +281,7 @@ def test_a_slot_replaces_and_deletes_its_hosts_children_by_name() -> None:
     assert torch.equal(model(x), block.fc(x))
     del slot.act
     assert not hasattr(block, "act") and not hasattr(slot, "act")
+    assert slot.output_contract is None  # a child removed: recorded again too
     with pytest.raises(AttributeError):
         del slot.act
     model(x)
