@@ -318,3 +318,22 @@ def test_a_state_loaded_while_parameters_wait_keeps_their_loaded_buffers() -> No
         reference.step()
         assert_matches(hp + sp, rhp + rsp, host_opt, reference)
     assert hooks(host_opt) == 0
+
+
+def test_a_fused_group_of_another_optimizer_is_left_as_it_was() -> None:
+    """Only fused SGD takes no mix of buffers: a fused Adam group a seed stepped once is
+    promoted into (its state beside the host's none) is left to Adam, which has no momentum
+    hyperparameter to read, and steps."""
+    torch.manual_seed(0)
+    host, seed = nn.Linear(3, 3), nn.Linear(3, 3)
+    hp, sp = list(host.parameters()), list(seed.parameters())
+    opts = IsolatedOptimizerManager(default_optimizer_cls=torch.optim.Adam)
+    opts.initialize_host(hp, lr=0.1, fused=True)
+    opts.create_seed_optimizer("s", sp, lr=0.1, fused=True)
+    put(sp, grads(sp, 1))
+    assert opts.step("s")
+    opts.promote_seed("s")  # read group["momentum"] of an Adam group: KeyError
+    host_opt = opts.optimizer("host")
+    assert hooks(host_opt) == 0
+    put(hp + sp, grads(hp + sp, 2))
+    assert opts.step("host")
