@@ -183,15 +183,17 @@ def test_a_loss_or_metric_that_is_no_number_is_refused(which: str, result: objec
     assert set(evaluate_seeds(registry, [(x, t)], F.mse_loss)) == {s.seed_id for s in slot.seeds}
 
 
+@pytest.mark.parametrize("rows", [4, 0])
 @pytest.mark.parametrize("which", ["loss_fn", "metric_fn"])
-def test_a_per_sample_loss_or_metric_is_refused_naming_it(which: str) -> None:
+def test_a_per_sample_loss_or_metric_is_refused_naming_it(which: str, rows: int) -> None:
     """A ``loss_fn`` with ``reduction="none"`` raised ``item()``'s "a Tensor with 4 elements
-    cannot be converted to Scalar", naming neither function nor what they must return."""
+    cannot be converted to Scalar", naming neither function nor what they must return; one
+    selecting no row (an empty tensor) is no batch mean either."""
     model, slot, registry = _tiny()
     x, t = torch.randn(4, 3), torch.randn(4, 6)
-    per_sample = lambda o, t: F.mse_loss(o, t, reduction="none").mean(dim=1)  # noqa: E731
+    per_sample = lambda o, t: F.mse_loss(o, t, reduction="none").mean(dim=1)[:rows]  # noqa: E731
     fns = {"loss_fn": F.mse_loss, "metric_fn": F.mse_loss, which: per_sample}
-    with pytest.raises(TypeError, match=r"must return a batch mean .* shape \(4,\)"):
+    with pytest.raises(TypeError, match=rf"must return a batch mean .* shape \({rows},\)"):
         evaluate_seeds(registry, [(x, t)], fns["loss_fn"], metric_fn=fns["metric_fn"])
     assert all(seed.evaluation is None for seed in slot.seeds)
 
