@@ -502,3 +502,53 @@ def test_accumulated_steps_on_different_shards_stay_alike_on_every_rank(
         assert all(host for host, *_ in run["reports"])
     assert runs[0]["alphas"] == runs[1]["alphas"]
     assert runs[0]["alphas"] == sorted(set(runs[0]["alphas"]))  # it advanced at each step
+
+
+def _worker_scaler(rank: int, world: int, spec: dict[str, Any]) -> None:
+    """README's GradScaler loop, the scaler tracked; rank 0's seed gradient overflows once."""
+    t = Trainer(rank, world, spec)
+    t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
+    manager, scaler = t.manager, torch.amp.GradScaler("cpu", init_scale=1024.0)
+    manager.track("scaler", scaler)
+
+    def overflow(_module: Any, _args: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda grad: grad * float("inf"))
+
+    scales = []
+    for step in range(3):
+        kernel, handle = manager.seed(SEED0).kernel, None
+        if rank == 0 and step == 0:
+            handle = kernel.register_forward_hook(overflow)
+        x = torch.randn(8, 6, generator=t.gen)
+        with torch.no_grad():
+            teacher = t.teacher(x)
+        manager.set_teacher_logits(teacher)
+        loss = torch.nn.functional.cross_entropy(t.net(x), teacher.argmax(-1))
+        kd = manager.collect_kd_losses()
+        manager.backward(scaler.scale(loss), kd_loss=None if kd is None else scaler.scale(kd))
+        if handle is not None:
+            handle.remove()
+        for optimizer_id in manager.optimizers.optimizer_ids:
+            scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+        manager.step(grad_clip_norm=1.0)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    t.save(spec["out"], "scaler", scales=scales)
+    manager.close()
+
+
+@pytest.mark.slow  # spawns processes: most of the time is their imports
+def test_a_seed_overflow_on_one_rank_backs_off_every_ranks_tracked_scaler(
+    tmp_path: Path, published
+) -> None:
+    """The seeds' gradients are unscaled before the step averages them, so a seed's overflow
+    on one rank was in that rank's scaler alone: its scale halved, the other's did not, and
+    from then on DDP averaged host gradients scaled by 512 on one rank and 1024 on the other,
+    each rank unscaling by its own, and the hosts drifted apart at every step. The step agrees
+    the tracked scaler's overflow: every rank backs off once, and the replicas stay equal."""
+    spec = _spec(tmp_path, published, "gloo")
+    spawn(_worker_scaler, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
+    runs = _load(tmp_path, "scaler", 2)
+    assert [run["scales"] for run in runs] == [[512.0] * 3] * 2
+    _assert_equal_states(runs)
