@@ -254,6 +254,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple
     ``timeout_s`` bounds every collective, so a rank that dies or hangs fails the others
     instead of blocking them forever.
     """
+    timeout_s = check_positive("timeout_s", timeout_s)  # 0 or less: no rank could connect
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     backend = backend or default_backend()
@@ -340,6 +341,8 @@ def spawn(
     import torch.multiprocessing as mp
 
     nprocs = check_positive_int("nprocs", nprocs)
+    # Checked here, not in each rank: there a bad one failed every rank's rendezvous.
+    timeout_s = check_positive("timeout_s", timeout_s)
     # NaN or infinity would compare False against every time: no bound, silently.
     if join_timeout_s is not None:
         join_timeout_s = check_positive("join_timeout_s", join_timeout_s)

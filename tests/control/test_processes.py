@@ -157,10 +157,15 @@ def test_an_interrupted_spawn_leaves_no_rank_running(tmp_path: Path) -> None:
         ({"nprocs": 2, "join_timeout_s": float("nan")}, "join_timeout_s"),
         ({"nprocs": 2, "join_timeout_s": float("inf")}, "join_timeout_s"),
         ({"nprocs": 2, "join_timeout_s": 0}, "join_timeout_s"),
+        ({"nprocs": 2, "timeout_s": 0}, "timeout_s"),
+        ({"nprocs": 2, "timeout_s": -1.0}, "timeout_s"),
+        ({"nprocs": 2, "timeout_s": float("nan")}, "timeout_s"),
     ],
 )
 def test_spawn_refuses_a_bad_count_or_join_timeout_before_it_starts_a_rank(kwargs, match) -> None:
-    """A NaN join timeout compared False against every time: the run was bounded by nothing."""
+    """A NaN join timeout compared False against every time: the run was bounded by nothing.
+    A collective timeout of 0 or less (or NaN) started every rank, each of which then failed
+    its rendezvous ("timed out after 0ms") or its conversion."""
     from kasmina.control.processes import spawn
 
     with pytest.raises(ValueError, match=match):
