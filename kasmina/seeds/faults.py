@@ -175,14 +175,16 @@ def finite_chunks(chunks: torch.Tensor) -> torch.Tensor:
 
 def output_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` (0-d), fp32 at least, detached: :func:`all_finite`'s reduction."""
-    return t.detach().sum(dtype=_SUM_DTYPE.get(t.dtype, t.dtype))
+    t = t.detach() if t.requires_grad else t  # (a detach is an op: none for a gradient)
+    return t.sum(dtype=_SUM_DTYPE.get(t.dtype, t.dtype))
 
 
 def chunk_sums(chunks: torch.Tensor) -> torch.Tensor:
     """The sum of each chunk of ``chunks`` (``[..., n, c]``), fp32 at least, detached:
     :func:`finite_chunks`'s reduction."""
     dims = (*range(chunks.dim() - 2), chunks.dim() - 1)  # all but the chunk index
-    return chunks.detach().sum(dims, dtype=_SUM_DTYPE.get(chunks.dtype, chunks.dtype))
+    chunks = chunks.detach() if chunks.requires_grad else chunks  # (none in a node's forward)
+    return chunks.sum(dims, dtype=_SUM_DTYPE.get(chunks.dtype, chunks.dtype))
 
 
 def finite_test(sums: torch.Tensor, *, read_on_host: bool) -> torch.Tensor | None:
@@ -305,7 +307,7 @@ def _read_all_finite(sums: torch.Tensor) -> bool:
     where the device-side test decides without a read."""
     if (
         type(sums) is not torch.Tensor
-        or sums.device.type != "cpu"
+        or not sums.is_cpu  # (``device`` builds an object a call)
         or torch.jit.is_tracing()
         or not plain_eager()
     ):
@@ -352,7 +354,7 @@ def output_fault(out: Any, host: torch.Tensor) -> tuple[str, str] | None:
         kind = "shape" if out.shape != host.shape else "dtype"
         got, want = f"{tuple(out.shape)}/{out.dtype}", f"{tuple(host.shape)}/{host.dtype}"
         return kind, f"output {got} does not match host {want}"
-    if out.device != host.device:
+    if not (out.is_cpu and host.is_cpu) and out.device != host.device:  # (``device``: an object)
         return "device", f"output on {out.device} but host on {host.device}"
     return None
 
@@ -450,22 +452,22 @@ def call_kernel(
     (``GPUKernel.draws_random``) runs on a forked RNG state, so the host's own random ops draw what
     they would without the seed, and on a stream of its own there (``own_stream``: ``stream`` is the
     seed's id and position); not under ``torch.compile``, which cannot trace the fork."""
-    token = None
+    token, compiling = None, torch.compiler.is_compiling()  # (read once: a call, each seed)
     if not active:
         xin = x.detach()
-    elif x.requires_grad and torch.compiler.is_compiling():
+    elif x.requires_grad and compiling:
         flag = None if functorch_active() else flag  # a transform writes nothing outside it
         xin, token = cut_input(x, flag)
         token = None if flag is None else token
     else:
         xin = x.view_as(x)
-    forked = not active and vars(kernel).get("draws_random") and not torch.compiler.is_compiling()
+    forked = not active and vars(kernel).get("draws_random") and not compiling
     # Its floating buffers stay finite (``side_effects``); a kernel known to have none (the
     # usual: ``()``) costs one dict read here, on every seed's call of every step.
     held = buffers_held(kernel) if kernel.__dict__.get(FLOATING_BUFFERS, True) else ()
     grad = torch.is_grad_enabled()
     try:
-        with island_saves(active):
+        with island_saves(active, compiling):
             if forked:
                 with rng_forked(x.device):
                     own_stream(kernel, x.device, *stream)
@@ -494,7 +496,7 @@ def call_kernel(
     if found is not None and found[0] == "dtype":  # under autocast, cast rather than fault
         out = autocast_to_host(out, x)
         found = output_fault(out, x)
-    if found is None and not torch.compiler.is_compiling() and torch.is_anomaly_enabled():
+    if found is None and not compiling and torch.is_anomaly_enabled():
         found = anomaly_fault(out, x)  # eager only: traced, the call would break the graph
     if found is not None:
         if not recomputing():

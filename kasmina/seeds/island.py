@@ -220,7 +220,7 @@ def _lose_to_the_host(
     the NaN went into its weights and its next output was charged (clipped: its run of
     non-finite norms). One reduction a seed a backward; on the CPU, given ``whole`` (the
     gradient the ``grads`` are pieces of), one in all while it is finite, read on the host."""
-    if whole is not None and whole.device.type == "cpu":
+    if whole is not None and whole.is_cpu:
         if finite_test(output_sum(whole), read_on_host=True) is None:
             return
     for seed, grad in zip(seeds, grads, strict=True):

@@ -113,6 +113,7 @@ from kasmina.stages import BLENDING_STAGES, ISOLATED_TRAINING_STAGES, RUNS_KERNE
 from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
+_CHECK, _GRAFTING = SeedStage.COMPATIBILITY_CHECK, SeedStage.GRAFTING  # (``seed._ACTIVE``)
 
 __all__ = ["KasminaLayer"]
 
@@ -463,7 +464,7 @@ class KasminaLayer(HostForwarding):
         for k, (seed, stage) in enumerate(zip(seeds, plan, strict=True)):
             if stage not in RUNS_KERNEL or seed._modules["kernel"] is None or k in refused:
                 continue
-            if stage == SeedStage.COMPATIBILITY_CHECK:
+            if stage == _CHECK:
                 seed._probe_unless_compiling(chunks[k])
                 continue
             called = seed._call_kernel(chunks[k], stage)
@@ -471,8 +472,7 @@ class KasminaLayer(HostForwarding):
                 outs[k], inputs[k] = called
         if not inputs:
             return x
-        stages = {plan[k] for k in inputs}
-        eager = plain_eager()
+        stages, eager = {plan[k] for k in inputs}, plain_eager()
         if eager:  # the guard nodes are eager only (not under torch.func either)
             kd = self.kd_config is not None and teacher_logits is not None
             if stages <= BLENDING_STAGES and not kd and not torch.jit.is_tracing():
@@ -537,8 +537,7 @@ class KasminaLayer(HostForwarding):
         seeds = self._seed_list
         if not all(seeds[k].guard_backward for k in inputs) or carries_tangent(outs, inputs):
             return None
-        grafting = SeedStage.GRAFTING in stages
-        alpha = self._buffers["_one"]
+        grafting, alpha = _GRAFTING in stages, self._buffers["_one"]
         if grafting:
             alpha = torch.stack(self._alphas(plan, inputs))
             if alpha.requires_grad:
@@ -556,7 +555,8 @@ class KasminaLayer(HostForwarding):
     def _alphas(self, plan: tuple[SeedStage, ...], ran: dict[int, torch.Tensor]) -> list[Any]:
         one = self._buffers["_one"]  # each chunk's alpha: a GRAFTING seed's that ran, else 1
         pairs = enumerate(zip(self._seed_list, plan, strict=True))
-        return [s.alpha if p == SeedStage.GRAFTING and k in ran else one for k, (s, p) in pairs]
+        # ``_buffers``: ``s.alpha`` reaches ``Module.__getattr__`` after a failed lookup (raised)
+        return [s._buffers["alpha"] if p == _GRAFTING and k in ran else one for k, (s, p) in pairs]
 
     def _maybe_kd(
         self, full: torch.Tensor, students: list[torch.Tensor | None], teacher_logits: torch.Tensor,

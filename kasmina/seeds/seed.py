@@ -96,6 +96,7 @@ from kasmina.utils.conversions import count_conversion
 from kasmina.utils.flags import read_flags
 
 logger = logging.getLogger(__name__)
+_ACTIVE = SeedStage.ACTIVE  # (a member read through the class costs a metaclass hook a call)
 
 
 class GradientIsolatedSeed(nn.Module):
@@ -504,15 +505,14 @@ class GradientIsolatedSeed(nn.Module):
         """The host half of the guard (:func:`~kasmina.seeds.faults.call_kernel`)."""
         kernel = self._modules["kernel"]
         assert kernel is not None
-        active, record = stage == SeedStage.ACTIVE, self.record_fault
+        active, record = stage == _ACTIVE, self.record_fault
         if torch.compiler.is_compiling():  # no stream forked (nor read: a recompile a step)
             return call_kernel(kernel, x, active, record, (self.seed_id, None), self.cut_flag)
         # A manager's position (GERMINATE sets it), else one an unowned load or copy kept.
         position = self.draw_step  # (``_loaded_draws`` is absent from older pickles)
         if position is None and (loaded := self.__dict__.get("_loaded_draws")) is not None:
             position = stream_position(loaded, kernel)
-        stream = (self.seed_id, position)
-        region = checkpoint_region()
+        stream, region = (self.seed_id, position), checkpoint_region()
         if region[0] is None:  # outside an activation checkpoint (the common case)
             return call_kernel(kernel, x, active, record, stream)
         # In a checkpoint's recompute, not called where its first run's call gave no output.

@@ -211,13 +211,18 @@ def own_stream(
     generator.manual_seed(key & (2**63 - 1))
 
 
+_NOTHING_PUSHED = contextlib.nullcontext()
+
+
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     # Detached: a saved output kept with its own grad_fn is a reference cycle through C++
     # that nothing frees (a Tanh's output, every step). Unpacking restores its autograd links.
     return tensor.detach()
 
 
-def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:
+def island_saves(
+    active: bool, compiling: bool | None = None
+) -> contextlib.AbstractContextManager[Any]:
     """Around a kernel's call before ACTIVE: the tensors its graph saves are kept as they are,
     past any saved-tensor hooks of the caller's (activation checkpointing's, non-reentrant).
 
@@ -229,12 +234,13 @@ def island_saves(active: bool) -> contextlib.AbstractContextManager[Any]:
     tensor and then raised left the recompute (which no longer calls a seed the fault
     quarantined) one tensor short (``CheckpointError``). Kept, the island's tensors live until
     its backward (a seed's kernel is small beside the host). An ACTIVE seed's graph is the
-    host's: the caller's hooks apply. Nothing is pushed without a caller's hooks or compiled."""
+    host's: the caller's hooks apply. Nothing is pushed without a caller's hooks or compiled
+    (``compiling``: the caller's read of ``torch.compiler.is_compiling()``, if it has one)."""
     if (
         active
-        or torch.compiler.is_compiling()
+        or (torch.compiler.is_compiling() if compiling is None else compiling)
         or torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         or not torch._C._autograd._saved_tensors_hooks_is_enabled()
     ):
-        return contextlib.nullcontext()
+        return _NOTHING_PUSHED  # (one object for every call: it holds no state)
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
