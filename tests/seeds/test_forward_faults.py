@@ -619,3 +619,14 @@ def test_a_kernel_that_leaves_grad_mode_changed_has_it_put_back(
         out = net(x)
         assert not torch.is_grad_enabled()
     assert not out.requires_grad
+
+
+def test_an_output_on_another_device_than_the_host_is_a_device_fault() -> None:
+    """The output check compares devices (two CPU tensors pass without building one): a kernel's
+    output on ``meta`` beside a CPU host, or the other way round, is a ``device`` fault."""
+    cpu, meta = torch.zeros(2, 3), torch.zeros(2, 3, device="meta")
+    assert faults.output_fault(cpu, torch.ones(2, 3)) is None
+    assert faults.output_fault(meta, torch.zeros(2, 3, device="meta")) is None
+    for out, host in ((meta, cpu), (cpu, meta)):
+        found = faults.output_fault(out, host)
+        assert found is not None and found[0] == "device", found
