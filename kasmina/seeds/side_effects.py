@@ -161,21 +161,58 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
                 buffer.data.copy_(saved)  # ``.data``: recorded by no graph
 
 
-# The layers that draw random numbers in training: a plain module holding one draws.
+# The layers that draw random numbers in training: a plain module holding one draws, whatever
+# its ``p`` at attach (a schedule may raise a ``Dropout(0)``'s later).
 _RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                   nn.FeatureAlphaDropout, nn.RReLU)  # fmt: skip
 
 
+def _seeded(kind: str) -> bool:
+    """Whether a TorchScript node kind (``aten::dropout``) is a seeded random op."""
+    namespace, _, name = kind.partition("::")
+    packet = getattr(torch.ops.aten, name, None) if namespace == "aten" else None
+    return packet is not None and any(
+        torch.Tag.nondeterministic_seeded in getattr(packet, overload).tags
+        for overload in packet.overloads()
+    )
+
+
+def _script_draws(module: torch.jit.ScriptModule) -> bool:
+    """Whether a TorchScript module's forward (its submodules' calls inlined, every branch)
+    has a seeded random op: a scripted ``F.dropout`` or ``torch.rand`` counts, which a plain
+    module's forward hides. A module without a forward draws nothing."""
+    try:
+        graph = module.inlined_graph  # held: its blocks die with it
+    except (AttributeError, RuntimeError):
+        return False
+    blocks = [graph.block()]
+    while blocks:
+        for node in blocks.pop().nodes():
+            if _seeded(node.kind()):
+                return True
+            blocks.extend(node.blocks())
+    return False
+
+
+def _draws(module: nn.Module) -> bool:
+    if module.__dict__.get("draws_random"):  # a ``GPUKernel``'s, inside a wrapper or compiled
+        return True
+    if isinstance(module, torch.jit.ScriptModule):
+        return _script_draws(module)
+    return isinstance(module, _RANDOM_LAYERS)
+
+
 def marked_random(kernel: nn.Module) -> nn.Module:
     """``kernel``, marked ``draws_random`` (what an artifact's program says of itself) when it
-    is a plain module holding a random layer: the guard then runs it forked on its own stream
-    before ACTIVE (``faults.call_kernel``), as it runs such an artifact. Unmarked, its draws
-    shifted the global stream, and so every later dropout mask of the host's. Random calls in
-    a plain module's own forward (``F.dropout``, ``torch.rand``) are not seen."""
-    if "draws_random" not in vars(kernel):
-        drawing = (m for m in kernel.modules() if isinstance(m, _RANDOM_LAYERS))
-        if any(getattr(m, "p", 1.0) > 0 for m in drawing):
-            kernel.draws_random = True
+    holds a random layer (at any ``p``), a TorchScript module whose graph has a seeded random
+    op, or a module marked so (a ``GPUKernel``): the guard then runs it forked on its own
+    stream before ACTIVE (``faults.call_kernel``), as it runs such an artifact. Unmarked, its
+    draws shifted the global stream, and so every later dropout mask of the host's. The flag
+    is written into the kernel's own ``__dict__``, where the guard reads it: a compiled
+    kernel's ``setattr`` would put it on the module it wraps. Random calls in a plain
+    (eager or compiled) module's own forward (``F.dropout``, ``torch.rand``) are not seen."""
+    if "draws_random" not in vars(kernel) and any(_draws(m) for m in kernel.modules()):
+        kernel.__dict__["draws_random"] = True
     return kernel
 
 

@@ -411,3 +411,88 @@ def test_a_plain_kernel_that_draws_leaves_the_hosts_dropout_as_a_dormant_seeds(
     assert all(torch.equal(grads[n], g) for n, g in host_grads(bare).items())
     assert all(p.grad is not None for s in slots for p in s.seed(0).seed_parameters())
     assert faults(slots) == [0] * len(faults(slots))
+
+
+def _drawing(kind: str) -> Callable[[], nn.Module]:
+    """A kernel that draws, in the forms ``marked_random`` missed: compiled, scripted, or with
+    a dropout (or RReLU) layer at ``p=0`` on attach, whose ``p`` a schedule raises later."""
+    if kind == "compiled":
+        return lambda: torch.compile(
+            nn.Sequential(nn.Linear(16, 16), nn.Dropout()), backend="eager"
+        )
+    if kind == "scripted":
+        return lambda: torch.jit.script(nn.Sequential(nn.Linear(16, 16), nn.Dropout()))
+    layer = {"dropout_p0": nn.Dropout, "feature_alpha_p0": nn.FeatureAlphaDropout}[kind]
+    return lambda: nn.Sequential(nn.Linear(16, 16), layer(p=0.0))
+
+
+@pytest.mark.parametrize("kind", ["compiled", "scripted", "dropout_p0", "feature_alpha_p0"])
+def test_a_compiled_scripted_or_p0_kernel_that_draws_leaves_the_hosts_dropout_as_bare(
+    kind: str,
+) -> None:
+    """As above, for a kernel compiled (the flag landed on the module it wraps, where the guard
+    never read it), scripted (its layers are script modules) or holding a dropout layer at
+    ``p=0`` when attached and raised after (never marked): the host's output and gradients
+    are the bare model's bit for bit."""
+    from tests.integration.models import tiny_gpt2
+
+    def build() -> nn.Module:
+        model = tiny_gpt2()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.1
+        return model.train()
+
+    bare, model = build(), build()
+    slots = attach(model, ["mlp.c_proj"], 2, 16)
+    for slot in slots:
+        slot.seed(0).attach_kernel(_drawing(kind)())
+        slot.seed(0).transition_to(S.ISOLATED_INIT)
+        for module in slot.seed(0).kernel.modules():
+            if hasattr(module, "p") and not isinstance(module, torch.jit.ScriptModule):
+                module.p = 0.5  # the schedule's raise, after attach
+    ids = _ids(128)
+    torch.manual_seed(5)
+    want = bare(ids).logits
+    want.pow(2).mean().backward()
+    torch.manual_seed(5)
+    got = model(ids).logits
+    got.pow(2).mean().backward()
+    assert torch.equal(got, want)
+    grads = host_grads(model)
+    assert all(torch.equal(grads[n], g) for n, g in host_grads(bare).items())
+    assert all(p.grad is not None for s in slots for p in s.seed(0).seed_parameters())
+    assert faults(slots) == [0] * len(faults(slots))
+
+
+class _ScriptedDraw(nn.Module):
+    """Draws in its own forward, in a branch: only a TorchScript graph shows it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = nn.functional.dropout(x, 0.1, True)
+        return x
+
+
+@pytest.mark.parametrize(
+    ("make", "draws"),
+    [
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout1d(0.0)), True),
+        (lambda: nn.Sequential(nn.Dropout2d(0.0)), True),
+        (lambda: nn.Sequential(nn.Dropout3d(0.0)), True),
+        (lambda: nn.Sequential(nn.AlphaDropout(0.0)), True),
+        (lambda: nn.Sequential(nn.RReLU(0.1, 0.1)), True),
+        (lambda: torch.jit.script(_ScriptedDraw()), True),
+        (lambda: torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), False),
+        (lambda: torch.compile(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), False),
+    ],
+    ids=["dropout1d", "dropout2d", "dropout3d", "alpha", "rrelu", "script_f", "script", "compiled"],
+)
+def test_attach_kernel_marks_every_drawing_kernel_and_no_other(
+    make: Callable[[], nn.Module], draws: bool
+) -> None:
+    """Any dropout-family layer is marked at any ``p``, a scripted forward by its graph's seeded
+    ops (a branch's included); a kernel that draws nothing is not (it would fork for nothing)."""
+    slot = attach(nn.Sequential(nn.Linear(4, 4)), ["0"], 2, 2)[0]
+    slot.seed(0).attach_kernel(make())
+    assert bool(vars(slot.seed(0).kernel).get("draws_random")) is draws
