@@ -17,7 +17,6 @@ import torch
 
 from kasmina.control.processes import spawn
 from kasmina.manager.ddp import kasmina_owned_names, wrap_ddp
-from kasmina.manager.framework import ManagerOptimizer
 from kasmina.manager.grad_sync import SeedGradientSync
 from tests.manager.ddp_helpers import (
     Trainer,
@@ -506,14 +505,11 @@ def test_accumulated_steps_on_different_shards_stay_alike_on_every_rank(
 
 
 def _worker_scaler(rank: int, world: int, spec: dict[str, Any]) -> None:
-    """README's GradScaler loop (or, with ``spec["framework"]``, a framework's
-    ``scaler.step(ManagerOptimizer)``), the scaler tracked; rank 0's seed gradient overflows
-    once."""
+    """README's GradScaler loop, the scaler tracked; rank 0's seed gradient overflows once."""
     t = Trainer(rank, world, spec)
     t.epoch_with({0: [_signed(t.rig, "germinate", SEED0, spec["mlp"])]})
     manager, scaler = t.manager, torch.amp.GradScaler("cpu", init_scale=1024.0)
     manager.track("scaler", scaler)
-    optimizer = ManagerOptimizer(manager, grad_clip_norm=1.0, scaler=scaler)
 
     def overflow(_module: Any, _args: Any, out: torch.Tensor) -> None:
         if out.requires_grad:
@@ -533,12 +529,9 @@ def _worker_scaler(rank: int, world: int, spec: dict[str, Any]) -> None:
         manager.backward(scaler.scale(loss), kd_loss=None if kd is None else scaler.scale(kd))
         if handle is not None:
             handle.remove()
-        if spec["framework"]:
-            scaler.step(optimizer)
-        else:
-            for optimizer_id in manager.optimizers.optimizer_ids:
-                scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
-            manager.step(grad_clip_norm=1.0)
+        for optimizer_id in manager.optimizers.optimizer_ids:
+            scaler.unscale_(manager.optimizers.optimizer(optimizer_id))
+        manager.step(grad_clip_norm=1.0)
         scaler.update()
         scales.append(scaler.get_scale())
     t.save(spec["out"], "scaler", scales=scales)
@@ -546,16 +539,15 @@ def _worker_scaler(rank: int, world: int, spec: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow  # spawns processes: most of the time is their imports
-@pytest.mark.parametrize("framework", [False, True])
 def test_a_seed_overflow_on_one_rank_backs_off_every_ranks_tracked_scaler(
-    tmp_path: Path, published, framework: bool
+    tmp_path: Path, published
 ) -> None:
     """The seeds' gradients are unscaled before the step averages them, so a seed's overflow
     on one rank was in that rank's scaler alone: its scale halved, the other's did not, and
     from then on DDP averaged host gradients scaled by 512 on one rank and 1024 on the other,
     each rank unscaling by its own, and the hosts drifted apart at every step. The step agrees
     the tracked scaler's overflow: every rank backs off once, and the replicas stay equal."""
-    spec = {**_spec(tmp_path, published, "gloo"), "framework": framework}
+    spec = _spec(tmp_path, published, "gloo")
     spawn(_worker_scaler, 2, args=(spec,), backend="gloo", timeout_s=60, join_timeout_s=120)
     runs = _load(tmp_path, "scaler", 2)
     assert [run["scales"] for run in runs] == [[512.0] * 3] * 2
