@@ -61,7 +61,6 @@ from kasmina.manager.coordination import PREPARE_SHARE, ManagerApplier, ManagerR
 from kasmina.manager.grad_sync import DEFAULT_BUCKET_CAP_MB, SeedGradientSync
 from kasmina.manager.manager import KasminaKernelManager
 from kasmina.manager.slots import SlotRegistry
-from kasmina.manager.state import ManagerState
 from kasmina.manager.wrap_records import WrapRecord, record_wrap, wrap_record
 from kasmina.seeds.charging import defer_faults
 from kasmina.seeds.constants import one_written_elsewhere
@@ -367,11 +366,6 @@ def sync_host_buffers(model: nn.Module, group: Any = None) -> int:
     return len(named)
 
 
-def _tracked_scalers(state: ManagerState) -> list[torch.amp.GradScaler]:
-    """The ``GradScaler``s among ``state``'s tracked objects (``manager.track``)."""
-    return [obj for obj, _ in state.tracked.values() if isinstance(obj, torch.amp.GradScaler)]
-
-
 def running_kernel_buffers(registry: SlotRegistry) -> list[tuple[str, torch.Tensor]]:
     """``(seed id.buffer name, buffer)`` of every seed whose forward runs its kernel, in registry
     order (the same on every rank): what its forwards may update from each rank's own data."""
@@ -428,11 +422,7 @@ class DistributedKasmina:
         # another live trainer holds (ranks sharing a run_id) is refused before any rank trains.
         _ = state.checkpoints
         self.group = group
-        # The tracked GradScalers (``manager.track``) have each step's overflow agreed.
-        scalers = functools.partial(_tracked_scalers, state)
-        self.seed_grads = SeedGradientSync(
-            registry, group=group, bucket_cap_mb=bucket_cap_mb, scalers=scalers
-        )
+        self.seed_grads = SeedGradientSync(registry, group=group, bucket_cap_mb=bucket_cap_mb)
         self.seed_buffers = BufferAverage(
             group=group, bucket_cap_bytes=self.seed_grads.bucket_cap_bytes
         )

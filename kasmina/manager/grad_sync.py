@@ -16,7 +16,7 @@ import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,12 +52,11 @@ _CLEAN = (True, False, False)
 class SeedGradientSync:
     """Averages live seeds' gradients across ranks; ``manager.step()`` calls it each step.
 
-    One step costs an 8-integer all-reduce (the layout check: every rank must be about to
-    average the same seeds, or sizes would mismatch and the collective would fail or hang; the
-    isolation verdict, agreed: DDP averaged the host's gradients in the backward, so a graph
+    One step costs a 4-integer all-reduce (the layout check: every rank must be about to
+    average the same seeds, or sizes would mismatch and the collective would fail or hang; and
+    the isolation verdict, agreed: DDP averaged the host's gradients in the backward, so a graph
     leak one rank found is in every rank's, and the ranks' hosts must take the same step: every
-    rank skips it; and whether a GradScaler of ``scalers`` found an overflow, so that every
-    rank's backs off alike: ``_agree_scalers``) and
+    rank skips it) and
     then one all-reduce per bucket of at most ``bucket_cap_mb`` per dtype and device, all
     launched before the first is waited on. A layout that differs across ranks (a seed's stage
     changed on one rank only) skips the averaging for that step, is logged and counted
@@ -77,7 +76,6 @@ class SeedGradientSync:
         *,
         group: Any = None,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-        scalers: Callable[[], Iterable[torch.amp.GradScaler]] = tuple,
     ) -> None:
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
@@ -90,8 +88,6 @@ class SeedGradientSync:
         # ``DistributedKasmina`` defers them (``charging.defer_faults``): charged at the step
         # (or the epoch sync: ``charge_held_faults``) on every rank alike.
         self.faults = DeferredFaults()
-        # The GradScalers whose overflow verdicts the step agrees (``_agree_scalers``).
-        self.scalers = scalers
 
     def live_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(seed id, parameter)`` of every seed an optimizer steps, in registry order; then
@@ -155,18 +151,13 @@ class SeedGradientSync:
         device = _device_for(params, self.group)
         raised = bool(held) or any(not f[0] or any(f[1:]) for f in flags.values())
         seeds = 0 if self.registry is None else len(self.registry.records)  # _agree's length
-        row = [layout, -layout, int(missing), int(not clean), int(raised), seeds, -seeds, 0]
+        row = [layout, -layout, int(missing), int(not clean), int(raised), seeds, -seeds]
         header = torch.tensor(row, dtype=torch.int64, device=device)
-        found = _found_infs(self.scalers())
-        if any(found):  # on the device, unread: no wait for it here
-            header[-1] = torch.stack([t.to(device) for f in found for t in f]).amax().long()
         check = dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         # Packed while the check is in flight; thrown away if the check says otherwise.
         packed = None if missing else self._pack(params)
         check.wait()
-        top, neg_bottom, any_missing, any_leak, any_raised, most, neg_least, inf = header.tolist()
-        if inf:
-            _agree_scalers(found)
+        top, neg_bottom, any_missing, any_leak, any_raised, most, neg_least = header.tolist()
         # Rare: a second small collective, only in a step where a seed fell back or faulted
         # somewhere, and only between ranks whose registries have as many seeds (else the
         # layout differs too, and the epoch sync repairs: each rank charges its own faults).
@@ -300,27 +291,6 @@ class SeedGradientSync:
         """Consecutive runs of one gradient dtype and device, at most ``bucket_cap_bytes`` each
         (one parameter larger than the cap is a bucket of its own)."""
         return buckets(params, lambda p: p.grad, self.bucket_cap_bytes)
-
-
-def _found_infs(scalers: Iterable[torch.amp.GradScaler]) -> list[list[torch.Tensor]]:
-    """Each scaler's inf checks of this step (``unscale_``'s, one per optimizer and device;
-    torch keeps them in ``_per_optimizer_states`` until its ``update``), none if not unscaled."""
-    return [
-        [t for state in vars(s).get("_per_optimizer_states", {}).values()
-         for t in state["found_inf_per_device"].values()]
-        for s in scalers
-    ]  # fmt: skip
-
-
-def _agree_scalers(found: list[list[torch.Tensor]]) -> None:
-    """Some rank's scaler found an overflow: every scaler that unscaled this step records one,
-    so that each rank's ``update()`` backs off alike. The seeds' gradients are unscaled before
-    ``step()`` averages them, so their overflow is first seen on one rank alone (DDP averages
-    the host's before): its scale alone halved, and from then on DDP averaged host gradients
-    scaled differently on each rank, and the hosts drifted apart at every step."""
-    for checks in found:
-        if checks:
-            checks[0].fill_(1.0)
 
 
 def _layout_key(live: Sequence[tuple[str, nn.Parameter]]) -> int:
