@@ -553,10 +553,10 @@ class KasminaLayer(HostForwarding):
         )  # fmt: skip
 
     def _alphas(self, plan: tuple[SeedStage, ...], ran: dict[int, torch.Tensor]) -> list[Any]:
-        one = self._buffers["_one"]  # each chunk's alpha: a GRAFTING seed's that ran, else 1
-        pairs = enumerate(zip(self._seed_list, plan, strict=True))
-        # ``_buffers``: ``s.alpha`` reaches ``Module.__getattr__`` after a failed lookup (raised)
-        return [s._buffers["alpha"] if p == _GRAFTING and k in ran else one for k, (s, p) in pairs]
+        one, sp = self._buffers["_one"], enumerate(zip(self._seed_list, plan, strict=True))
+        # A GRAFTING seed's that ran, else 1; ``_buffers`` spares ``__getattr__`` (a Parameter: no)
+        got = [s._buffers.get("alpha") if p == _GRAFTING and k in ran else one for k, (s, p) in sp]
+        return [self._seed_list[k].alpha if a is None else a for k, a in enumerate(got)]
 
     def _maybe_kd(
         self, full: torch.Tensor, students: list[torch.Tensor | None], teacher_logits: torch.Tensor,

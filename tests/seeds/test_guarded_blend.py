@@ -374,3 +374,27 @@ def test_an_output_on_another_device_is_a_contained_fault() -> None:
     out = layer(x)
     assert torch.equal(out, layer.host(x))
     assert layer.seeds[1].faults == 1 and "on meta" in layer.seeds[1].fault_log[-1]
+
+
+@pytest.mark.parametrize("how", ["parameter", "parametrized"])
+def test_a_grafting_seeds_alpha_the_user_made_a_parameter_still_blends(how: str) -> None:
+    """The layer reads each GRAFTING seed's alpha from its buffers (a plain attribute read goes
+    through ``Module.__getattr__`` after a failed lookup); an alpha a user made a learnable
+    ``Parameter`` or parametrized is not there, and the forward raised ``KeyError``. It is
+    read as an attribute then, and the blend is the one of the buffer it replaced."""
+    torch.manual_seed(0)
+    layer = _layer([SeedStage.GRAFTING, SeedStage.GRAFTING], nn.Linear(8, 8), 4)
+    layer.update_alpha_blending(3, 10)
+    x = torch.randn(3, 8)
+    expected = layer(x).detach()
+    seed = layer.seeds[0]
+    if how == "parameter":
+        seed.alpha = nn.Parameter(seed.alpha.detach().clone())
+    else:
+        torch.nn.utils.parametrize.register_parametrization(seed, "alpha", nn.Identity())
+    assert "alpha" not in seed._buffers
+    out = layer(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+    if how == "parameter":
+        assert seed.alpha.grad is not None
