@@ -163,8 +163,9 @@ def kept_buffers(*modules: nn.Module) -> Iterator[None]:
 
 # The layers that draw random numbers in training: a plain module holding one draws, whatever
 # its ``p`` at attach (a schedule may raise a ``Dropout(0)``'s later).
+# ``MultiheadAttention`` draws its attention dropout in its forward (a float ``dropout``, no layer).
 _RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                  nn.FeatureAlphaDropout, nn.RReLU)  # fmt: skip
+                  nn.FeatureAlphaDropout, nn.RReLU, nn.MultiheadAttention)  # fmt: skip
 
 
 def _seeded(kind: str) -> bool:

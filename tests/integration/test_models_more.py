@@ -482,11 +482,22 @@ class _ScriptedDraw(nn.Module):
         (lambda: nn.Sequential(nn.Dropout3d(0.0)), True),
         (lambda: nn.Sequential(nn.AlphaDropout(0.0)), True),
         (lambda: nn.Sequential(nn.RReLU(0.1, 0.1)), True),
+        (lambda: nn.Sequential(nn.MultiheadAttention(4, 1, dropout=0.5)), True),
         (lambda: torch.jit.script(_ScriptedDraw()), True),
         (lambda: torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), False),
         (lambda: torch.compile(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), False),
     ],
-    ids=["dropout1d", "dropout2d", "dropout3d", "alpha", "rrelu", "script_f", "script", "compiled"],
+    ids=[
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha",
+        "rrelu",
+        "mha",
+        "script_f",
+        "script",
+        "compiled",
+    ],
 )
 def test_attach_kernel_marks_every_drawing_kernel_and_no_other(
     make: Callable[[], nn.Module], draws: bool
