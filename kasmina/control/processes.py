@@ -248,13 +248,29 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
 
+# The longest collective timeout taken (about 115 days): past some 1e9 s the store's deadline
+# (now + timeout, in nanoseconds) overflows and every rank fails its rendezvous at once.
+_MAX_COLLECTIVE_TIMEOUT_S = 1e7
+
+
+def _collective_timeout(timeout_s: float) -> float:
+    """``timeout_s`` if a collective can wait that long: > 0 (none could connect at 0), finite
+    and at most ``_MAX_COLLECTIVE_TIMEOUT_S``; else ``ValueError``."""
+    timeout_s = check_positive("timeout_s", timeout_s)
+    if timeout_s > _MAX_COLLECTIVE_TIMEOUT_S:
+        raise ValueError(
+            f"timeout_s must be at most {_MAX_COLLECTIVE_TIMEOUT_S:g} s, got {timeout_s!r}"
+        )
+    return timeout_s
+
+
 def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
     """Initialise the default process group from torchrun's variables; returns (rank, world).
 
     ``timeout_s`` bounds every collective, so a rank that dies or hangs fails the others
     instead of blocking them forever.
     """
-    timeout_s = check_positive("timeout_s", timeout_s)  # 0 or less: no rank could connect
+    timeout_s = _collective_timeout(timeout_s)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     backend = backend or default_backend()
@@ -341,8 +357,7 @@ def spawn(
     import torch.multiprocessing as mp
 
     nprocs = check_positive_int("nprocs", nprocs)
-    # Checked here, not in each rank: there a bad one failed every rank's rendezvous.
-    timeout_s = check_positive("timeout_s", timeout_s)
+    timeout_s = _collective_timeout(timeout_s)  # here: in each rank it failed every rendezvous
     # NaN or infinity would compare False against every time: no bound, silently.
     if join_timeout_s is not None:
         join_timeout_s = check_positive("join_timeout_s", join_timeout_s)
