@@ -7,6 +7,7 @@ handler all read the same table. Stage values equal ``leyline.SeedLifecycleStage
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping, Sequence
 from enum import IntEnum
 
 
@@ -182,3 +183,20 @@ def checked_row(row: object) -> list[int]:
         if values[column] < 0:  # counts: a negative one is no table's
             raise ValueError(f"{column.name} must be >= 0, got {values[column]}")
     return values
+
+
+def check_saved_stages(
+    table_stages: Sequence[SeedStage], saved: Mapping[str, tuple[int, SeedStage]]
+) -> None:
+    """Each seed's stage in a saved state table (``table_stages``, by row) is the one its own
+    saved state holds (``saved``: seed id -> (its row, that stage)); ``ValueError`` naming the
+    first seed that differs. A restore writes the table over the rows the seeds' own states
+    restored: a table of another stage left a seed DORMANT with a kernel, or ACTIVE half
+    grafted, with another stage's optimizer layout and gates. ``kasmina.load`` and a rollback's
+    phase 1 check with it."""
+    for seed_id, (row, stage) in saved.items():
+        if table_stages[row] != stage:
+            raise ValueError(
+                f"state table has seed {seed_id} {table_stages[row].name}, its own saved state "
+                f"{stage.name}"
+            )

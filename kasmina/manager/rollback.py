@@ -343,8 +343,12 @@ def _write_reversibly(
     try:
         _swap_kernels(registry, plan.changes, loaded.fresh, backup.old)
         with owner_restore():  # the seeds' stages may change: this restore brings the rest
-            restore_training_state(
-                plan.checkpoint, {"model": registry.model}, None, registry.table.state_tensor
+            restore_training_state(  # the table's rows: checked in phase 1 (read_checkpoint)
+                plan.checkpoint,
+                {"model": registry.model},
+                None,
+                registry.table.state_tensor,
+                rows_checked=True,
             )
         registry.table.resync()  # the host mirror follows the restored table (stages below)
         for obj, saved in plan.tracked.values():  # the user's scheduler, scaler...: the epoch's

@@ -20,7 +20,7 @@ from kasmina.manager.state import ManagerState
 from kasmina.manager.tracked import saved_tracked
 from kasmina.manager.training_state import EXTRA_STATE_KEY
 from kasmina.seeds.extra_state import parse_seed_state
-from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, checked_row
+from kasmina.stages import RUNS_KERNEL, SeedStage, StateColumn, check_saved_stages, checked_row
 from kasmina.urza.kernel import GPUKernel
 
 __all__ = ["BOUNDARY_PENDING", "RollbackPlan", "SavedSeed", "read_checkpoint", "rebuild_optimizers"]
@@ -150,22 +150,27 @@ def _check_table(
         raise ValueError(
             f"the checkpoint of epoch {epoch} holds a state table row: {exc}"
         ) from None
+    stages = [SeedStage(row[StateColumn.LIFECYCLE_STAGE]) for row in rows]
     paths = {id(module): name for name, module in registry.model.named_modules()}
     saved_model = (checkpoint.get("modules") or {}).get("model") or {}
+    own: dict[str, tuple[int, SeedStage]] = {}  # seed_id -> (its row, its own state's stage)
     for record in registry:
-        stage = SeedStage(rows[record.seed.state_index][StateColumn.LIFECYCLE_STAGE])
-        saved = saved_seeds[record.seed_id]
+        stage, saved = stages[record.seed.state_index], saved_seeds[record.seed_id]
         if stage in RUNS_KERNEL and not (saved.attached and saved.artifact_id):
             raise ValueError(
                 f"the checkpoint of epoch {epoch} has seed {record.seed_id} {stage.name} in its "
                 "state table, and its record attaches no kernel"
             )
-        own = saved_model.get(f"{paths[id(record.seed)]}.{EXTRA_STATE_KEY}")
-        if own is not None and (own_stage := parse_seed_state(own, record.seed_id).stage) != stage:
-            raise ValueError(
-                f"the checkpoint of epoch {epoch} has seed {record.seed_id} {stage.name} in its "
-                f"state table, and its own state was saved in {own_stage.name}"
+        value = saved_model.get(f"{paths[id(record.seed)]}.{EXTRA_STATE_KEY}")
+        if value is not None:
+            own[record.seed_id] = (
+                record.seed.state_index,
+                parse_seed_state(value, record.seed_id).stage,
             )
+    try:
+        check_saved_stages(stages, own)
+    except ValueError as exc:
+        raise ValueError(f"the checkpoint of epoch {epoch}'s {exc}") from None
 
 
 def _saved_clock(

@@ -38,7 +38,7 @@ from kasmina.seeds.inject import add_load_checks, install, uncallable_slot_probl
 from kasmina.seeds.layer import KasminaLayer
 from kasmina.seeds.outputs import declared_width, forward_owner
 from kasmina.seeds.table import GPUStateTensor
-from kasmina.stages import NUM_STATE_COLUMNS, SeedStage, StateColumn
+from kasmina.stages import NUM_STATE_COLUMNS, SeedStage, StateColumn, check_saved_stages
 from kasmina.urza.artifact import verify_manifest
 from kasmina.urza.kernel import GPUKernel
 from kasmina.urza.keys import TrustedPublishers
@@ -200,16 +200,10 @@ def _prepare(
         table.load_state_dict({"state_tensor": state_tensor, "embargo_epochs": embargo_epochs})
     except (ValueError, KeyError, IndexError) as exc:
         raise SavedModelError(f"saved state table does not load: {exc}") from exc
-    # The table is written after the seeds' states, over the rows they restored: a table of
-    # another stage than a seed's own state (the header is unsigned) left a seed DORMANT with a
-    # kernel, or ACTIVE half grafted, computing another model than the saved one.
-    stages = table.stages()
-    for seed_id, (row, stage) in own.items():
-        if stages[row] != stage:
-            raise SavedModelError(
-                f"saved state table has seed {seed_id} {stages[row].name}, its own saved state "
-                f"{stage.name}"
-            )
+    try:  # written over the rows the seeds' states restored (the header is unsigned)
+        check_saved_stages(table.stages(), own)
+    except ValueError as exc:
+        raise SavedModelError(f"saved {exc}") from None
     return layers, host_state, len(originals)
 
 

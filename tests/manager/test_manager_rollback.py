@@ -262,7 +262,7 @@ def test_a_checkpoint_with_a_malformed_field_is_refused_before_anything_changes(
         # SEED1 held no kernel at epoch 0: ACTIVE, it would have run the host alone.
         (SEED1, StateColumn.LIFECYCLE_STAGE, S.ACTIVE, "out[1] ACTIVE in its state table, and"),
         # SEED0's own state says ISOLATED_INIT: DORMANT, it kept its kernel and optimizer.
-        (SEED0, StateColumn.LIFECYCLE_STAGE, S.DORMANT, "was saved in ISOLATED_INIT"),
+        (SEED0, StateColumn.LIFECYCLE_STAGE, S.DORMANT, "its own saved state ISOLATED_INIT"),
     ],
 )
 def test_a_checkpoint_whose_table_no_run_held_is_refused_before_anything_changes(
@@ -287,6 +287,32 @@ def test_a_checkpoint_whose_table_no_run_held_is_refused_before_anything_changes
     assert_same(before, _live(rig))
     monkeypatch.undo()
     assert run_command(manager, rig.signed(make_rollback_command(0)))  # the real one restores
+
+
+def test_a_rollback_checks_the_checkpoints_table_rows_once(
+    rig: Rig, mlp, published, monkeypatch
+) -> None:
+    """Phase 1 checks every row of the checkpoint's table (the stages it compares with the
+    seeds' records and own states); the restore in phase 2 then writes them without reading
+    them again. A restore called by itself still checks them (``test_checkpoints``)."""
+    from kasmina.manager import rollback_plan, training_state
+    from kasmina.stages import checked_row
+
+    _diverge_after_epoch_0(rig, mlp, published)
+    calls = {"plan": 0, "restore": 0}
+
+    def counted(where: str):
+        def check(row: object) -> list[int]:
+            calls[where] += 1
+            return checked_row(row)
+
+        return check
+
+    monkeypatch.setattr(rollback_plan, "checked_row", counted("plan"))
+    monkeypatch.setattr(training_state, "checked_row", counted("restore"))
+    assert run_command(rig.manager, rig.signed(make_rollback_command(0)))
+    rows = rig.manager.require_registry().table.state_tensor.shape[0]
+    assert calls == {"plan": rows, "restore": 0}
 
 
 def test_a_restore_that_cannot_replay_its_boundary_is_refused_and_changes_nothing(
