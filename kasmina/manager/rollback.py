@@ -313,7 +313,8 @@ class _Backup(NamedTuple):
         return cls(
             registry.table.state_dict(),
             registry.table.stages(),
-            clone_state(registry.model.state_dict(), "cpu"),  # no second copy on the device
+            # On the CPU: no second copy on the device (a buffer on meta has no data to copy).
+            clone_state(registry.model.state_dict(), "cpu", keep_meta=True),
             {},
             [],
             [(record.seed, record.seed.evaluation) for record in registry],

@@ -51,13 +51,14 @@ def capture_training_state(
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "modules": {
-            name: clone_state(module.state_dict(), device) for name, module in modules.items()
+            name: clone_state(module.state_dict(), device, keep_meta=True)
+            for name, module in modules.items()
         },
-        "optimizers": clone_state(saved, device),  # None stays None
+        "optimizers": clone_state(saved, device, keep_meta=True),  # None stays None
         "state_table": clone_state(state_table, device),
     }
     if extra is not None:
-        state["extra"] = clone_state(dict(extra), device)
+        state["extra"] = clone_state(dict(extra), device, keep_meta=True)
     return state
 
 

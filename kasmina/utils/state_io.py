@@ -387,23 +387,29 @@ class CheckpointSigner:
             )
 
 
-def clone_state(value: Any, device: torch.device | str | None = None) -> Any:
+def clone_state(
+    value: Any, device: torch.device | str | None = None, *, keep_meta: bool = False
+) -> Any:
     """Deep copy of nested dicts/lists/tuples, cloning tensors (detached; onto ``device`` when
     given) and keeping scalars, a NumPy scalar or a ``Fraction`` as the Python number it equals
     (``plain_number``). A module ``state_dict``'s ``_metadata`` (each module's format
     version) is kept: without it ``load_state_dict`` reads the state as the oldest format (a
-    quantized ``Linear`` then looks for a ``weight`` key it no longer has)."""
+    quantized ``Linear`` then looks for a ``weight`` key it no longer has). ``keep_meta``: a
+    tensor on ``meta`` (no data to copy, which a move to ``device`` raises on) stays there, as
+    a clone keeps it: a training snapshot holds it as the live model does."""
     if isinstance(value, torch.Tensor):
-        if device is None:
+        if device is None or (keep_meta and value.is_meta):
             return value.detach().clone()
         return value.detach().to(device, copy=True)
     if isinstance(value, Mapping):
-        copied = {key: clone_state(item, device) for key, item in value.items()}
+        copied = {
+            key: clone_state(item, device, keep_meta=keep_meta) for key, item in value.items()
+        }
         return with_metadata_of(value, copied)
     if isinstance(value, list):
-        return [clone_state(item, device) for item in value]
+        return [clone_state(item, device, keep_meta=keep_meta) for item in value]
     if isinstance(value, tuple):
-        return tuple(clone_state(item, device) for item in value)
+        return tuple(clone_state(item, device, keep_meta=keep_meta) for item in value)
     return plain_number(value)
 
 

@@ -138,3 +138,22 @@ def test_end_epoch_allocates_less_than_the_model_and_its_optimizers_on_cuda(
     assert manager.checkpoints.epochs() == [0]
     # A clone on the device first held all of ``held`` again; one tensor's staging at most.
     assert torch.cuda.max_memory_allocated() - baseline < held // 2
+
+
+def test_a_buffer_on_meta_is_kept_there_by_the_checkpoint_and_the_rollback(rig: Rig, mlp) -> None:
+    """A buffer on ``meta`` (no data) that the model took after it was registered: ``end_epoch``
+    and a rollback went through while the snapshot cloned (a clone of a meta tensor stays on
+    ``meta``), and raised "Cannot copy out of meta tensor" once the copies went to the CPU.
+    It is kept on ``meta`` as it is; every other tensor still goes to the CPU."""
+    _trained_rig(rig, mlp)
+    rig.model.inp.register_buffer("unfilled", torch.empty(3, device="meta"))
+    taken = snapshot(rig.manager.state, 0)
+    model = taken["modules"]["model"]
+    assert model["inp.unfilled"].is_meta and model["inp.weight"].device.type == "cpu"
+    rig.manager.end_epoch(0)
+    assert rig.manager.checkpoints.epochs() == [0]
+    at_epoch = clone_state(rig.model.inp.weight)
+    rig.train(2)
+    assert not torch.equal(rig.model.inp.weight, at_epoch)
+    assert run_command(rig.manager, rig.signed(make_rollback_command(0)))
+    assert torch.equal(rig.model.inp.weight, at_epoch) and rig.model.inp.unfilled.is_meta
