@@ -345,7 +345,7 @@ def test_loads_leave_no_context_variables_behind(artifact) -> None:
         kernel = GPUKernel.from_binary(payload, manifest, "cpu")
         kernel(x).sum().backward()
     assert len(contextvars.copy_context()) == before
-    with pytest.raises(Exception, match="shape|size|dimension"):
+    with pytest.raises(KernelInputRefused, match="shape|size|dimension"):
         kernel(torch.randn(3, 5))
 
 
@@ -371,7 +371,7 @@ def test_a_programs_shape_guards_still_run(
     payload, verified = UrzaLibraryClient(str(tmp_path), trusted).fetch(manifest.artifact_id)
     kernel = GPUKernel.from_binary(payload, verified, "cpu")
     kernel(torch.randn(6, 2))
-    with pytest.raises(Exception, match="Guard failed"):
+    with pytest.raises(KernelInputRefused, match="Guard failed"):
         kernel(torch.randn(5, 2))
 
 
