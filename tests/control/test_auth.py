@@ -99,11 +99,11 @@ def test_the_verifiers_prepared_hmac_is_standard_hmac_sha256(key_len: int) -> No
 
 
 def test_keyring_rejects_bad_keys() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'k' is shorter than 16 bytes"):
         Keyring({"k": b"short"})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="key ids must be non-empty strings"):
         Keyring({"": KEY})
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'k' must be bytes, got str"):
         Keyring({"k": KEY.hex()})  # type: ignore[dict-item]
 
 

@@ -79,7 +79,7 @@ def test_invalid_publishers_are_refused(value: object, fragment: str, tmp_path: 
 def test_the_removed_trusted_key_ids_setting_says_what_replaced_it() -> None:
     with pytest.raises(ValueError, match="urza_trusted_publishers"):
         KasminaConfig.from_dict({"urza_trusted_key_ids": ["pub"]})
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'urza_trusted_key_ids'"):
         KasminaConfig(urza_trusted_key_ids=("pub",))  # type: ignore[call-arg]
 
 

@@ -203,11 +203,11 @@ def test_unsigned_commands_change_nothing_at_any_door(rig: Rig) -> None:
         # Wire messages are not commands to the optimizer manager (nor to the manager's
         # optimizer door when bare): refused by type, before anything runs.
         for wire in (cmd, raw, cmd.optimizer_command):
-            with pytest.raises(TypeError):
+            with pytest.raises(TypeError, match="apply_optimizer_command takes a verified"):
                 manager.optimizers.apply_optimizer_command(wire)  # type: ignore[arg-type]
             refused_types += 1
         if cmd.HasField("optimizer_command"):
-            with pytest.raises(TypeError):
+            with pytest.raises(TypeError, match="expected a signed AdaptationCommand"):
                 asyncio.run(manager.handle_optimizer_command(cmd.optimizer_command))
     assert coordinator.sync_epoch(0).outcomes == ()  # nothing reached the other ranks
     assert manager.apply_pending(wait=True) == []

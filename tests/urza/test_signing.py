@@ -331,7 +331,7 @@ def test_key_confusion_a_command_key_can_never_sign_an_artifact(
         publish_payload(b"x", str(store), "bp", commands, "a2")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="not Keyring"):
         client(store, commands)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="verified with TrustedPublishers"):
         verify_manifest(raw, commands)  # type: ignore[arg-type]
     # 2. An HMAC made with a command key, even with the manifest tag and under the publisher's
     # key id (which the command keyring also has), is not a publisher signature.
@@ -369,12 +369,12 @@ def test_key_confusion_a_publisher_key_can_never_sign_a_command(
 ) -> None:
     verifier = CommandVerifier(commands, clock=lambda: T0)
     # 1. No command API takes a publisher key, and a keyring holds only HMAC secrets (bytes).
-    with pytest.raises(TypeError):
-        cmd = make_seed_command("germinate", "s[0]", "a1")
+    cmd = make_seed_command("germinate", "s[0]", "a1")
+    with pytest.raises(TypeError, match="keyring must be a Keyring"):
         sign_command(cmd, publisher, "pub")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'pub' must be bytes, got PublisherKey"):
         Keyring({"pub": publisher})  # type: ignore[dict-item]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'pub' must be bytes, got Ed25519PublicKey"):
         Keyring({"pub": publisher.public_key})  # type: ignore[dict-item]
 
     # 2. Ed25519 signatures by the publisher's key over a command, with or without the command
@@ -461,7 +461,7 @@ def test_resign_checks_the_old_signature_and_payload_first(
         resign_artifact(str(root), "ok", PublisherKey.generate("other"), old)
     with pytest.raises(FileNotFoundError):
         resign_artifact(str(root), "absent", publisher, old)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="old_keys must be the Keyring"):
         resign_artifact(str(root), "ok", publisher, publisher)  # type: ignore[arg-type]
 
 
