@@ -188,11 +188,14 @@ def test_faults_and_fault_log_survive_a_state_dict_round_trip() -> None:
     clone.set_extra_state(old)
     assert clone.faults == 0 and not clone.fault_log
 
-    for bad in (
-        dict(decode_extra_state(saved["_extra_state"]), faults=-1, alpha=0.9),
-        dict(decode_extra_state(saved["_extra_state"]), fault_log="not a list", alpha=0.9),
+    for bad, reason in (
+        (dict(decode_extra_state(saved["_extra_state"]), faults=-1, alpha=0.9), "'faults'"),
+        (
+            dict(decode_extra_state(saved["_extra_state"]), fault_log="not a list", alpha=0.9),
+            "'fault_log': must be a list",
+        ),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=reason):
             clone.set_extra_state(bad)
     assert clone.faults == 0 and clone.alpha_value == seed.alpha_value  # nothing was written
 

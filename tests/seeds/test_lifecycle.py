@@ -346,12 +346,12 @@ def test_state_dict_round_trip_and_invalid_load() -> None:
     before = other.state_tensor.clone()
     bad_stage = saved["state_tensor"].clone()
     bad_stage[0, StateColumn.LIFECYCLE_STAGE] = 42
-    for bad in (
-        {"state_tensor": bad_stage},
-        {"state_tensor": torch.zeros(2, 10, dtype=torch.int32)},
-        {"state_tensor": torch.zeros(3, 10, dtype=torch.int64)},
+    for bad, reason in (
+        ({"state_tensor": bad_stage}, "stage value 42 is outside"),
+        ({"state_tensor": torch.zeros(2, 10, dtype=torch.int32)}, r"shape \(3, 10\)"),
+        ({"state_tensor": torch.zeros(3, 10, dtype=torch.int64)}, "must be int32"),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=reason):
             other.load_state_dict(bad)
     assert torch.equal(other.state_tensor, before) and other.stage(2) is S.ISOLATED_INIT
 
