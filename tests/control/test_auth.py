@@ -127,10 +127,21 @@ def test_keyring_from_env_pairs_and_json(monkeypatch: pytest.MonkeyPatch) -> Non
     assert Keyring.from_env("MY_KEYS").key_ids == ("a",)
 
 
-@pytest.mark.parametrize("value", ["", "k1", f"k1:{KEY.hex()[:-1]}", "k1:zz" * 20, "{not json"])
-def test_keyring_from_env_rejects_garbage(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("", "not set or empty"),
+        ("k1", "expected 'key_id:hexkey' items"),
+        (f"k1:{KEY.hex()[:-1]}", "key 'k1' is not valid hex"),
+        ("k1:zz" * 20, "key 'k1' is not valid hex"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_keyring_from_env_rejects_garbage(
+    monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+) -> None:
     monkeypatch.setenv("KASMINA_HMAC_KEYS", value)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=reason):
         Keyring.from_env()
 
 
@@ -169,17 +180,17 @@ def test_keyring_from_file(tmp_path) -> None:
     ring = Keyring.from_file(path)
     assert ring.get("k2") == OTHER_KEY and len(ring) == 2
     path.write_text(json.dumps([KEY.hex()]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected a JSON object of key_id -> hex key"):
         Keyring.from_file(path)
     path.write_text(json.dumps({"k1": 5}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="key 'k1' must be a hex string"):
         Keyring.from_file(path)
 
 
 def test_generate_key() -> None:
     a, b = generate_key(), generate_key()
     assert len(a) == 32 and a != b
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_bytes must be at least 16"):
         generate_key(8)
 
 
@@ -446,7 +457,7 @@ def test_a_relayed_command_from_a_clock_ahead_prunes_only_up_to_this_clock(
 
 
 def test_verifier_rejects_bad_freshness(keyring) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"freshness_s must be in \(0, 3600\]"):
         CommandVerifier(keyring, freshness_s=0)
 
 
