@@ -7,16 +7,18 @@ weight (and bias), they run ``fused_linear_kd_loss``, which never forms the ``[r
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from kasmina.kd.config import KDConfig
 from kasmina.kd.graph import mark_cut
-from kasmina.ops.backend import SUPPORTED_DTYPES
+from kasmina.ops.backend import SUPPORTED_DTYPES, through_dispatcher
 from kasmina.ops.fused_linear_kd import fused_linear_kd_loss, head_factor
 from kasmina.ops.kd_loss import kd_kl_loss
 from kasmina.ops.kd_oracle import kd_kl_loss_reference
-from kasmina.ops.transforms import in_compiled_transform
+from kasmina.ops.transforms import functorch_active, in_compiled_transform
 from kasmina.utils.checks import check_positive_int
 
 __all__ = [
@@ -165,7 +167,9 @@ def seed_kd_loss(
     A teacher row that holds a NaN or a ``+inf`` (an fp16 teacher's overflow), or is all
     ``-inf``, teaches nothing: it is masked (as ``mask`` drops a row), found on the device by
     its maximum (one reduction that propagates NaN, no logits-sized temporary, no host sync), so
-    one bad logit cannot turn every distilling seed's gradient into NaN. A ``-inf`` logit
+    one bad logit cannot turn every distilling seed's gradient into NaN. On eager CPU tensors a
+    finite sum of the logits (read on the host, free there) passes no mask at all: the masked
+    CPU path costs more. A ``-inf`` logit
     among finite ones is a class the teacher rules out (probability 0, as ``kd_kl_loss``
     defines it): its row still teaches. A float64 student (a slot of an fp64 model, in a
     gradient check) takes the float64 reference, differentiable by autograd; a float64
@@ -210,16 +214,7 @@ def _taught_loss(
             f"teacher logits of shape {tuple(teacher.shape)} do not match the student's "
             f"{tuple(student.shape)}"
         )
-    rows_ok = teacher.amax(-1).isfinite()
-    if mask is not None:  # checked first: ``&`` would broadcast a mask of another shape
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError("mask must be a bool tensor")
-        if mask.shape != rows_ok.shape or mask.device != rows_ok.device:
-            raise ValueError(
-                f"mask {tuple(mask.shape)} on {mask.device} must equal the teacher logits' "
-                f"leading dims {tuple(rows_ok.shape)} on {rows_ok.device}"
-            )
-        rows_ok = rows_ok & mask
+    rows_ok = _rows_to_keep(teacher, mask)
     if head_weight is None:
         if head_bias is not None:
             raise ValueError("head_bias needs head_weight")
@@ -236,6 +231,31 @@ def _taught_loss(
         mask=rows_ok,
         **head_options,  # type: ignore[arg-type]
     )
+
+
+def _rows_to_keep(teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask of the rows that teach: ``teacher``'s rows whose maximum is finite, and of them
+    those ``mask`` keeps. None where no mask is given and every row is fine, found on the host
+    where reading the logits is free (eager CPU tensors): the loss without a mask costs less
+    on the CPU path (the masked one makes two logits-sized passes more). Elsewhere the mask is
+    always formed: on an accelerator a read would sync, and under ``torch.compile``, tracing,
+    a faking mode or a ``torch.func`` transform a branch on the data cannot be taken."""
+    readable = teacher.device.type == "cpu" and not through_dispatcher() and not functorch_active()
+    wide = torch.float32 if teacher.dtype == torch.float16 else None  # fp16 sums overflow early
+    if mask is None and readable and math.isfinite(teacher.sum(dtype=wide)):
+        return None  # a finite sum: no NaN or infinity anywhere (one cheap pass, no temporary)
+    rows_ok = teacher.amax(-1).isfinite()
+    if mask is not None:  # checked first: ``&`` would broadcast a mask of another shape
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a bool tensor")
+        if mask.shape != rows_ok.shape or mask.device != rows_ok.device:
+            raise ValueError(
+                f"mask {tuple(mask.shape)} on {mask.device} must equal the teacher logits' "
+                f"leading dims {tuple(rows_ok.shape)} on {rows_ok.device}"
+            )
+        return rows_ok & mask
+    # The sum overflowed, or a -inf among finite logits: rows that still teach.
+    return None if readable and bool(rows_ok.all()) else rows_ok
 
 
 def slot_kd_loss(

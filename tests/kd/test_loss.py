@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kasmina.kd import loss as kd_loss_module
 from kasmina.kd.config import KDConfig
 from kasmina.kd.loss import StaticKDLoss, checked_teacher_logits, seed_kd_loss
+from kasmina.ops.kd_loss import kd_kl_loss
 
 
 @pytest.mark.parametrize("shape", [(2, 0), ()])
@@ -91,3 +93,57 @@ def test_static_kd_loss_of_float64_logits_is_the_float64_reference() -> None:
     teacher = torch.randn(3, 4, dtype=torch.float64)
     kd = StaticKDLoss(1.5)
     assert torch.autograd.gradcheck(lambda s: kd(s, teacher), (student,))
+
+
+def _masks_handed_on(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor | None]:
+    """The ``mask`` each ``kd_kl_loss`` call from ``kd.loss`` gets, recorded."""
+    seen: list[torch.Tensor | None] = []
+
+    def spy(student, teacher, temperature, reduction, mask):  # type: ignore[no-untyped-def]
+        seen.append(mask)
+        return kd_kl_loss(student, teacher, temperature, reduction, mask)
+
+    monkeypatch.setattr(kd_loss_module, "kd_kl_loss", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_cpu_batch_with_no_bad_teacher_row_takes_the_unmasked_kd_loss(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """On eager CPU tensors a batch with no bad teacher row and no caller's mask reaches
+    ``kd_kl_loss`` with no mask (the masked CPU path costs two logits-sized passes more): an
+    all-true mask was formed for every batch, ``StaticKDLoss`` and a seed's KD alike. An fp16
+    teacher whose sum passes fp16's range is still found fine; a bad row or a caller's mask is
+    still masked."""
+    seen = _masks_handed_on(monkeypatch)
+    torch.manual_seed(0)
+    student = torch.randn(4, 300, requires_grad=True)
+    teacher = (torch.randn(4, 300) + 300.0).to(dtype)  # sums to ~360000: past fp16's 65504
+    kd = StaticKDLoss(2.0)
+    kd(student, teacher).backward()
+    seed_kd_loss(KDConfig(temperature=2.0), student, teacher)
+    assert seen == [None, None]
+    seen.clear()
+    bad = teacher.clone()
+    bad[2, 5] = float("nan")
+    kd(student, bad)
+    kd(student, teacher, torch.ones(4, dtype=torch.bool))
+    assert [m.tolist() for m in seen] == [[True, True, False, True], [True] * 4]
+
+
+def test_compiled_static_kd_loss_keeps_the_teacher_row_mask_in_one_graph() -> None:
+    """Compiled whole (``fullgraph=True``) the loss reads no logits on the host to choose its
+    mask (a branch on data would break the graph): a bad teacher row is masked there too."""
+    torch.manual_seed(0)
+    student = torch.randn(3, 8, requires_grad=True)
+    teacher = torch.randn(3, 8)
+    teacher[1, 0] = float("inf")
+    kd = StaticKDLoss(2.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t: kd(s, t), backend="eager", fullgraph=True)
+    got = compiled(student, teacher)
+    got.backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    torch.testing.assert_close(got, kd(student, teacher))
+    torch.testing.assert_close(got, kd(student[[0, 2]], teacher[[0, 2]]))
