@@ -241,8 +241,11 @@ class CheckpointedTeacher:
             if torch.finfo(t.dtype).max > big:  # saturated, not overflowed: an additive mask
                 # at fp32's min became -inf in bf16, and a row it masks whole NaN. At half the
                 # range, not its edge: fp16's -65504 plus a score below -16 overflowed again.
-                beyond = t.isfinite() & (t.abs() > big)
-                t = torch.where(beyond, t.sign() * (big / 2), t)
+                # Every finite value is clamped, not only those past the range: a mask at
+                # -65504 itself kept its place and overflowed, and the values between half the
+                # range and the edge ranked below those past it (their order flipped).
+                half = big / 2
+                t = torch.where(t.isfinite(), t.clamp(-half, half), t)  # ±inf and NaN stay
             return t.to(dtype=self.dtype)
         return t.to(device=self.device)
 

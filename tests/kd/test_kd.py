@@ -373,25 +373,47 @@ class _NegativeScores(nn.Module):
         return self.out((self.score(x) + bias).softmax(-1) @ self.v(x))
 
 
+@pytest.mark.parametrize("masked", [torch.finfo(torch.float32).min, torch.finfo(torch.float16).min])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_mask_past_the_teachers_range_leaves_headroom_for_the_scores(dtype: torch.dtype) -> None:
+def test_a_mask_past_the_teachers_range_leaves_headroom_for_the_scores(
+    dtype: torch.dtype, masked: float
+) -> None:
     """Saturated at fp16's minimum (-65504), an fp32 mask plus a score below -16 overflowed to
     -inf again, and a row it masks whole was NaN (bf16 had the headroom). Saturated at half the
     range, the row is finite and close to the fp32 teacher's (an even attention), and a row
-    masked in part is exactly what a ``-inf`` mask gives (its masked keys weigh 0 either way)."""
+    masked in part is exactly what a ``-inf`` mask gives (its masked keys weigh 0 either way).
+    An fp32 mask at fp16's own minimum (what a mask made for an fp16 model holds) is not past
+    fp16's range: it was left at -65504 and overflowed all the same."""
     torch.manual_seed(0)
     model = _NegativeScores()
     x, bias = torch.randn(2, 4, IN), torch.zeros(2, 4, 4)
-    bias[0, 0, :] = torch.finfo(torch.float32).min  # a query that sees no key
-    bias[1, :, 2:] = torch.finfo(torch.float32).min  # queries that see two keys
+    bias[0, 0, :] = masked  # a query that sees no key
+    bias[1, :, 2:] = masked  # queries that see two keys
     teacher = CheckpointedTeacher(model, dtype=dtype)
     want = CheckpointedTeacher(model, dtype=torch.float32)({"x": x, "bias": bias})
     got = teacher({"x": x, "bias": bias})
     assert got.isfinite().all()
-    tolerance = LOGIT_TOLERANCE[dtype] * float(want.abs().max())
-    torch.testing.assert_close(got[0, 0], want[0, 0], rtol=0, atol=tolerance)
+    if masked < torch.finfo(torch.float16).min:  # fp32 loses the scores under it too (even)
+        # (at -65504 fp32 keeps them where a 16-bit teacher's spacing there cannot)
+        tolerance = LOGIT_TOLERANCE[dtype] * float(want.abs().max())
+        torch.testing.assert_close(got[0, 0], want[0, 0], rtol=0, atol=tolerance)
     ruled_out = bias.masked_fill(bias < 0, -math.inf)
     torch.testing.assert_close(got[1], teacher({"x": x, "bias": ruled_out})[1], rtol=0, atol=0)
+
+
+def test_a_wider_float_input_keeps_its_order_in_the_teacher() -> None:
+    """Every finite value of an input wider than the teacher's dtype is clamped to half its
+    range: only values past the range moved, so -65505 came out at -32752, above -40000 and
+    -65504 that stayed (their order flipped). Infinities and NaN pass as they are."""
+    teacher = CheckpointedTeacher(nn.Identity(), dtype=torch.float16)
+    finite = [-1e30, -70000.0, -65505.0, -65504.0, -40000.0, -32752.0, -1.5, 0.0, 40000.0, 1e30]
+    x = torch.tensor([finite + [math.inf, -math.inf, math.nan]])
+    got = teacher(x)[0]
+    assert got.dtype == torch.float32
+    assert (got[:10].diff() >= 0).all(), got  # never an inversion; ties where clamped
+    assert got[:6].eq(-32752.0).all() and got[8:10].eq(32752.0).all()
+    assert got[6:8].tolist() == [-1.5, 0.0]
+    assert got[10] == math.inf and got[11] == -math.inf and got[12].isnan()
 
 
 def test_a_batch_of_keyword_inputs_reaches_the_teacher_with_its_attention_mask() -> None:
