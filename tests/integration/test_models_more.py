@@ -384,11 +384,18 @@ def test_a_plain_kernel_that_draws_leaves_the_hosts_dropout_as_a_dormant_seeds(
     before ACTIVE the kernel draws on a forked stream of its own, so the host's dropout masks,
     output and gradients are the bare model's bit for bit (the kernel's draws shifted the
     global stream and with it every later host mask)."""
+    _assert_host_as_bare(lambda: nn.Sequential(nn.Linear(16, 16), layer()))
+
+
+def _assert_host_as_bare(make_kernel: Callable[[], nn.Module], raise_p: bool = False) -> None:
+    """A tiny GPT-2 training with dropout 0.1, each slot's seed 0 in ISOLATED_INIT on a kernel
+    of ``make_kernel`` (its dropout layers' ``p`` raised to 0.5 after attach if ``raise_p``):
+    output and host gradients are the bare model's bit for bit, the seeds got gradients and
+    nothing faulted."""
     from tests.integration.models import tiny_gpt2
 
     def build() -> nn.Module:
         model = tiny_gpt2()
-        model.config.resid_pdrop = model.config.embd_pdrop = 0.1
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.1
@@ -397,8 +404,11 @@ def test_a_plain_kernel_that_draws_leaves_the_hosts_dropout_as_a_dormant_seeds(
     bare, model = build(), build()
     slots = attach(model, ["mlp.c_proj"], 2, 16)
     for slot in slots:
-        slot.seed(0).attach_kernel(nn.Sequential(nn.Linear(16, 16), layer()))
+        slot.seed(0).attach_kernel(make_kernel())
         slot.seed(0).transition_to(S.ISOLATED_INIT)
+        for module in slot.seed(0).kernel.modules() if raise_p else ():
+            if hasattr(module, "p") and not isinstance(module, torch.jit.ScriptModule):
+                module.p = 0.5  # the schedule's raise, after attach
     ids = _ids(128)
     torch.manual_seed(5)
     want = bare(ids).logits
@@ -434,35 +444,7 @@ def test_a_compiled_scripted_or_p0_kernel_that_draws_leaves_the_hosts_dropout_as
     never read it), scripted (its layers are script modules) or holding a dropout layer at
     ``p=0`` when attached and raised after (never marked): the host's output and gradients
     are the bare model's bit for bit."""
-    from tests.integration.models import tiny_gpt2
-
-    def build() -> nn.Module:
-        model = tiny_gpt2()
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = 0.1
-        return model.train()
-
-    bare, model = build(), build()
-    slots = attach(model, ["mlp.c_proj"], 2, 16)
-    for slot in slots:
-        slot.seed(0).attach_kernel(_drawing(kind)())
-        slot.seed(0).transition_to(S.ISOLATED_INIT)
-        for module in slot.seed(0).kernel.modules():
-            if hasattr(module, "p") and not isinstance(module, torch.jit.ScriptModule):
-                module.p = 0.5  # the schedule's raise, after attach
-    ids = _ids(128)
-    torch.manual_seed(5)
-    want = bare(ids).logits
-    want.pow(2).mean().backward()
-    torch.manual_seed(5)
-    got = model(ids).logits
-    got.pow(2).mean().backward()
-    assert torch.equal(got, want)
-    grads = host_grads(model)
-    assert all(torch.equal(grads[n], g) for n, g in host_grads(bare).items())
-    assert all(p.grad is not None for s in slots for p in s.seed(0).seed_parameters())
-    assert faults(slots) == [0] * len(faults(slots))
+    _assert_host_as_bare(_drawing(kind), raise_p=True)
 
 
 class _ScriptedDraw(nn.Module):
