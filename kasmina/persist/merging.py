@@ -38,10 +38,9 @@ the padded positions then hold what the regular path computes there, not zeros).
 
 The host's output is taken apart at run time, as the slot does it (``kasmina.seeds.outputs``):
 one level of ``torch.utils._pytree`` flattening gives a Tensor as itself and a tuple, list,
-namedtuple, dict or Hugging Face ``ModelOutput`` as its elements; the one at the slot's
-``output_index`` (negative counts from the end; a dict's None values are not counted, as the
-slot counts them not) is chunked, and the output is rebuilt with the same type. Nothing is
-guessed at merge time: the slot records no input a probe could replay
+namedtuple or Hugging Face ``ModelOutput`` as its elements; the one at the slot's
+``output_index`` (negative counts from the end) is chunked, and the output is rebuilt with the
+same type. Nothing is guessed at merge time: the slot records no input a probe could replay
 (an attention module takes three, a ``model.to(dtype)`` leaves the recorded dtype stale). A
 container pytree does not know (a plain dataclass) is one leaf, so such a merged module fails
 at its first forward where its slot would have chunked an element. Nor is there a sit-out: a
@@ -56,7 +55,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import logging
 import operator
 from typing import Any
@@ -120,33 +118,19 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
     root.host = slot.host
     for k, kernel in active.items():
         root.add_module(f"seed_{k}", kernel)
-    # They stay on the module: fx renders no function (nor class) as a call's argument.
-    root.is_not, root.or_, root.dict_type = operator.is_not, operator.or_, dict
+    # ``is_not`` stays on the module: fx renders no function as a call's argument.
+    root.is_not = operator.is_not
     graph = fx.Graph()
     args, kwargs = _placeholders(graph, slot.host)
     out = graph.call_module("host", tuple(args), kwargs)
     # One level of flattening (every node below the output is a leaf): [out] for a Tensor, the
-    # elements of a tuple, list, namedtuple, dict or ModelOutput, with the spec that rebuilds it.
+    # elements of a tuple, list, namedtuple or ModelOutput, with the spec that rebuilds it.
     below = graph.call_function(functools.partial, (graph.get_attr("is_not"), out))
     flat = graph.call_function(pytree.tree_flatten, (out,), {"is_leaf": below})
     items = graph.call_function(operator.getitem, (flat, 0))
     spec = graph.call_function(operator.getitem, (flat, 1))
     index = int(vars(slot).get("output_index", 0))
-    # The positions the slot counts (``outputs.output_element``): every element but a dict's
-    # None values, as a ModelOutput holds none; i = counted[index], so index may be negative.
-    nones = graph.call_function(itertools.repeat, (None,))
-    present = graph.call_function(map, (graph.get_attr("is_not"), items, nones))
-    not_dict = graph.call_function(
-        operator.not_, (graph.call_function(isinstance, (out, graph.get_attr("dict_type"))),)
-    )
-    every = graph.call_function(itertools.repeat, (not_dict,))
-    counts = graph.call_function(map, (graph.get_attr("or_"), present, every))
-    places = graph.call_function(range, (graph.call_function(len, (items,)),))
-    counted = graph.call_function(
-        list, (graph.call_function(itertools.compress, (places, counts)),)
-    )
-    i = graph.call_function(operator.getitem, (counted, index))
-    element = graph.call_function(operator.getitem, (items, i))
+    element = graph.call_function(operator.getitem, (items, index))
     dim = int(vars(slot).get("chunk_dim", -1))
     # Exact sizes: a call of another width (one the slot sat out, an activation shared by
     # layers of two widths) raises here rather than losing the chunks past the seeds'.
@@ -167,7 +151,8 @@ def merged_slot(slot: KasminaLayer) -> nn.Module:
         # module pickles without Kasmina, and unpickling traces it again).
         like = graph.call_function(torch.empty_like, (element,))
         result = graph.call_method("copy_", (like, result))
-    # items[:i] + [result] + items[i + 1:].
+    # items[:i] + [result] + items[i + 1:], with i = index % len(items) (index may be negative).
+    i = graph.call_function(operator.mod, (index, graph.call_function(len, (items,))))
     head = graph.call_function(operator.getitem, (items, slice(None, i)))
     after = graph.call_function(operator.add, (i, 1))
     tail = graph.call_function(operator.getitem, (items, slice(after, None)))

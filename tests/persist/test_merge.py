@@ -214,43 +214,6 @@ def test_merge_with_a_negative_output_index_keeps_the_output_structure() -> None
         _compare(merged(x), grown)
 
 
-class DictHeads(nn.Module):
-    """A block returning a plain dict whose first value is None (a loss given in training
-    only, as a ``ModelOutput`` holds it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(6, 8)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        return {"loss": None, "hidden": self.lin(x), "aux": None, "scores": x.sum(-1)}
-
-
-@pytest.mark.parametrize("index", [0, -2])
-def test_merge_indexes_a_dict_output_as_the_slot_does(index: int) -> None:
-    """The slot counts a dict's values that are not None (as a ``ModelOutput``'s); the merged
-    module counted every value, so ``output_index=0`` found the None and its first forward
-    raised where the grown model chunked ``hidden``."""
-    model = nn.Sequential(DictHeads()).eval()
-    x = torch.randn(3, 6)
-    (slot,) = kasmina.attach(model, ["0"], 2, 4, output_index=index)
-    with torch.no_grad():
-        bare = model(x)
-    walk_to_active(slot.seed(0), 4, init=1)
-    with torch.no_grad():
-        grown = model(x)
-    assert not torch.equal(grown["hidden"], bare["hidden"])
-    merged = kasmina.merge(model)
-    with torch.no_grad():
-        out = merged(x)
-    assert type(out) is dict and list(out) == list(grown)
-    assert out["loss"] is None and out["aux"] is None
-    assert torch.equal(out["hidden"], grown["hidden"]) and torch.equal(
-        out["scores"], bare["scores"]
-    )
-
-
 def _encoder(target: str) -> tuple[nn.TransformerEncoder, Any]:
     """A two-layer ``nn.TransformerEncoder`` (torch's fused path and nested tensors on, as by
     default) with one ACTIVE seed in the slot at ``target``."""
