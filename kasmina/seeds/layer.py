@@ -3,9 +3,9 @@
 **The slot contract.** Seed ``k`` owns chunk ``k`` (``chunk_size`` wide) of one dimension of
 one tensor of the host's output:
 
-- the tensor is the output itself, or, for a tuple, list, dataclass or dict (its non-None
-  values in order) output (``ModelOutput``, an attention module's ``(output, weights)``), the
-  element at ``output_index`` (default 0); every other element passes through untouched;
+- the tensor is the output itself, or, for a tuple, list, dataclass or dict (its values in order)
+  output (``ModelOutput``, an attention module's ``(output, weights)``), the element at
+  ``output_index`` (default 0); every other element passes through untouched;
 - the dimension is ``chunk_dim``: by default the channels (dim 1) of a ``ConvNd`` and the last
   dimension of everything else (Linear, Hugging Face ``Conv1D``, attention, whole blocks).
 

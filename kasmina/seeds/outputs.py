@@ -3,9 +3,9 @@ dimension and how wide (as far as the module declares it), and putting the resul
 
 A host's forward may return a tensor, a tuple or list (an attention module's ``(output,
 weights)``), a namedtuple, a dataclass such as a Hugging Face ``ModelOutput``, or a dict (its
-values that are not None, in order, as a ``ModelOutput`` is indexed). The seeds apply to the
-element at the slot's ``output_index``; everything else passes through untouched, and the
-output keeps its type.
+values in order, as a ``ModelOutput`` is indexed). The seeds apply to the element at the slot's
+``output_index``; everything else passes through untouched,
+and the output keeps its type.
 
 A nested (ragged) tensor reaches a slot from ``nn.TransformerEncoder``'s inference path with a
 padding mask: the encoder packs its batch when its *first* layer can take the fused path, and
@@ -251,9 +251,9 @@ def output_element(out: Any, index: int) -> Any:
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         names = _present_fields(out)
         return getattr(out, names[index]) if -len(names) <= index < len(names) else None
-    if isinstance(out, dict):  # its values in order, None skipped, as a ModelOutput's
-        keys = _present_keys(out)
-        return out[keys[index]] if -len(keys) <= index < len(keys) else None
+    if isinstance(out, dict):  # its values in order, as a ModelOutput's
+        values = list(out.values())
+        return values[index] if -len(values) <= index < len(values) else None
     return out
 
 
@@ -298,7 +298,7 @@ def replace_output_element(out: Any, index: int, new: torch.Tensor) -> Any:
         return dataclasses.replace(out, **{_present_fields(out)[index]: new})  # type: ignore[type-var]
     if isinstance(out, dict):  # its type, a subclass's too (TorchDynamo traces a dict's copy)
         replaced = dict(out) if type(out) is dict else copy.copy(out)
-        replaced[_present_keys(out)[index]] = new
+        replaced[list(out)[index]] = new
         return replaced
     return new
 
@@ -313,12 +313,6 @@ def inputs_need_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 def _present_fields(out: Any) -> list[str]:
     """A dataclass output's fields that hold a value, in order: what ``ModelOutput`` indexes."""
     return [f.name for f in dataclasses.fields(out) if getattr(out, f.name) is not None]
-
-
-def _present_keys(out: dict[Any, Any]) -> list[Any]:
-    """A dict output's keys whose values are not None, in order: a ``ModelOutput`` (a dict
-    too) holds no None, and a plain dict is indexed as one."""
-    return [k for k, v in out.items() if v is not None]
 
 
 def default_chunk_dim(host: nn.Module) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from kasmina.seeds.inject import attach, detach
 from kasmina.seeds.layer import KasminaLayer
-from kasmina.seeds.outputs import output_element, replace_output_element
+from kasmina.seeds.outputs import output_element
 from tests.seeds.helpers import MLP, S, kernel, walk
 
 
@@ -217,40 +217,6 @@ def test_a_dict_output_is_indexed_by_its_values(index: int) -> None:
     assert torch.equal(out["hidden"][:, 2:], bare["hidden"][:, 2:])
     torch.testing.assert_close(out["hidden"][:, :2], slot.seed(0).kernel(bare["hidden"][:, :2]))
     assert output_element(out, index) is out["hidden"] and output_element(out, 2) is None
-
-
-def test_a_dict_output_skips_its_none_values_as_a_model_output_does() -> None:
-    """A ``ModelOutput`` (a dict) holds no None, so its index counts only what is present; a
-    plain dict holding a None was indexed over every value: ``output_index=0`` found the None
-    and every call sat out, and a replacement went to the wrong key."""
-
-    class Heads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.proj = nn.Linear(4, 4)
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-            return {"loss": None, "hidden": self.proj(x), "aux": None, "scores": x.sum(-1)}
-
-    out = Heads()(torch.randn(3, 4))
-    assert output_element(out, 0) is out["hidden"] and output_element(out, -1) is out["scores"]
-    assert output_element(out, 1) is out["scores"] and output_element(out, 2) is None
-    new = torch.zeros(3, 4)
-    replaced = replace_output_element(out, 0, new)
-    assert list(replaced) == list(out) and replaced["hidden"] is new
-    assert replaced["loss"] is None and replaced["scores"] is out["scores"]
-    model = nn.Sequential(Heads())
-    x = torch.randn(3, 4)
-    bare = model(x)
-    slot = attach(model, ["0"], 2, 2, output_index=0)[0]
-    model(x)
-    slot.seed(0).attach_kernel(kernel(2, 1))
-    walk(slot.seed(0), S.STABILIZATION)
-    got = model(x)
-    assert got["loss"] is None and torch.equal(got["scores"], bare["scores"])
-    torch.testing.assert_close(got["hidden"][:, :2], slot.seed(0).kernel(bare["hidden"][:, :2]))
-    assert torch.equal(got["hidden"][:, 2:], bare["hidden"][:, 2:])
 
 
 def test_an_output_index_the_host_class_cannot_have_is_refused_leaving_the_model() -> None:
