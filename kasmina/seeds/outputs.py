@@ -2,8 +2,9 @@
 dimension and how wide (as far as the module declares it), and putting the result back.
 
 A host's forward may return a tensor, a tuple or list (an attention module's ``(output,
-weights)``), a namedtuple, a dataclass such as a Hugging Face ``ModelOutput``, or a dict (its
-values in order, as a ``ModelOutput`` is indexed). The seeds apply to the element at the slot's
+weights)``), a namedtuple, a dataclass such as a Hugging Face ``ModelOutput``, or a dict (all its
+values in order, None included: a ``ModelOutput`` skips its None fields, so a key set to None
+in one mode alone would move the index). The seeds apply to the element at the slot's
 ``output_index``; everything else passes through untouched,
 and the output keeps its type.
 
@@ -251,7 +252,7 @@ def output_element(out: Any, index: int) -> Any:
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         names = _present_fields(out)
         return getattr(out, names[index]) if -len(names) <= index < len(names) else None
-    if isinstance(out, dict):  # its values in order, as a ModelOutput's
+    if isinstance(out, dict):  # every value in order, None too: the index holds in every mode
         values = list(out.values())
         return values[index] if -len(values) <= index < len(values) else None
     return out

@@ -191,9 +191,9 @@ def test_a_structseq_output_keeps_its_type_once_a_seed_runs() -> None:
 
 @pytest.mark.parametrize("index", [1, -1])
 def test_a_dict_output_is_indexed_by_its_values(index: int) -> None:
-    """A host returning a plain dict: the seeds apply to its value at ``output_index`` (its
-    values in order, as a ``ModelOutput`` is indexed) and the dict, its other values and its
-    key order stand. A dict was no container: every call sat out ("holds a dict")."""
+    """A host returning a plain dict: the seeds apply to its value at ``output_index`` (all its
+    values in order, None included) and the dict, its other values and its key order stand. A
+    dict was no container: every call sat out ("holds a dict")."""
 
     class Heads(nn.Module):
         def __init__(self) -> None:
@@ -217,6 +217,35 @@ def test_a_dict_output_is_indexed_by_its_values(index: int) -> None:
     assert torch.equal(out["hidden"][:, 2:], bare["hidden"][:, 2:])
     torch.testing.assert_close(out["hidden"][:, :2], slot.seed(0).kernel(bare["hidden"][:, :2]))
     assert output_element(out, index) is out["hidden"] and output_element(out, 2) is None
+
+
+def test_a_dict_value_that_is_none_in_eval_alone_leaves_the_index_on_its_key() -> None:
+    """A dict's None values count (a ``ModelOutput`` skips its None fields): an auxiliary head
+    returned in training only must not move ``output_index`` onto another key in eval, where
+    the seeds would chunk another tensor of the same shape (or sit out) unseen."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+            aux = x * 2 if self.training else None
+            return {"aux": aux, "hidden": self.proj(x), "other": x + 1}
+
+    model = nn.Sequential(Heads())
+    x = torch.randn(3, 4)
+    slot = attach(model, ["0"], 2, 2, output_index=1)[0]
+    model(x)
+    slot.seed(0).attach_kernel(kernel(2, 1))
+    walk(slot.seed(0), S.STABILIZATION)
+    for train in (True, False):
+        model.train(train)
+        out = model(x)
+        bare = model[0].host(x)
+        torch.testing.assert_close(out["hidden"][:, :2], slot.seed(0).kernel(bare["hidden"][:, :2]))
+        assert torch.equal(out["other"], bare["other"])
 
 
 def test_an_output_index_the_host_class_cannot_have_is_refused_leaving_the_model() -> None:
