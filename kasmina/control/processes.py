@@ -254,12 +254,13 @@ _MAX_COLLECTIVE_TIMEOUT_S = 1e7
 
 
 def _collective_timeout(timeout_s: float) -> float:
-    """``timeout_s`` if a collective can wait that long: > 0 (none could connect at 0), finite
-    and at most ``_MAX_COLLECTIVE_TIMEOUT_S``; else ``ValueError``."""
+    """``timeout_s`` if a collective can wait that long: at least 1 ms (the store counts whole
+    milliseconds: under one, none could connect), finite and at most
+    ``_MAX_COLLECTIVE_TIMEOUT_S``; else ``ValueError``."""
     timeout_s = check_positive("timeout_s", timeout_s)
-    if timeout_s > _MAX_COLLECTIVE_TIMEOUT_S:
+    if not 1e-3 <= timeout_s <= _MAX_COLLECTIVE_TIMEOUT_S:
         raise ValueError(
-            f"timeout_s must be at most {_MAX_COLLECTIVE_TIMEOUT_S:g} s, got {timeout_s!r}"
+            f"timeout_s must be from 0.001 to {_MAX_COLLECTIVE_TIMEOUT_S:g} s, got {timeout_s!r}"
         )
     return timeout_s
 

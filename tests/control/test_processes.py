@@ -160,15 +160,17 @@ def test_an_interrupted_spawn_leaves_no_rank_running(tmp_path: Path) -> None:
         ({"nprocs": 2, "timeout_s": 0}, "timeout_s"),
         ({"nprocs": 2, "timeout_s": -1.0}, "timeout_s"),
         ({"nprocs": 2, "timeout_s": float("nan")}, "timeout_s"),
-        ({"nprocs": 2, "timeout_s": 1e10}, "timeout_s must be at most"),
-        ({"nprocs": 2, "timeout_s": 1e300}, "timeout_s must be at most"),
+        ({"nprocs": 2, "timeout_s": 1e-4}, "timeout_s must be from"),
+        ({"nprocs": 2, "timeout_s": 1e10}, "timeout_s must be from"),
+        ({"nprocs": 2, "timeout_s": 1e300}, "timeout_s must be from"),
     ],
 )
 def test_spawn_refuses_a_bad_count_or_join_timeout_before_it_starts_a_rank(kwargs, match) -> None:
     """A NaN join timeout compared False against every time: the run was bounded by nothing.
     A collective timeout of 0 or less (or NaN) started every rank, each of which then failed
     its rendezvous ("timed out after 0ms") or its conversion, and so did one so long that the
-    store's deadline overflowed (1e10 s) or its conversion did (1e300)."""
+    store's deadline overflowed (1e10 s) or its conversion did (1e300), or under the store's
+    millisecond (1e-4 s: "timed out after 0ms")."""
     from kasmina.control.processes import spawn
 
     with pytest.raises(ValueError, match=match):
@@ -179,6 +181,6 @@ def test_init_from_env_refuses_a_collective_timeout_no_store_can_wait() -> None:
     """Refused before the environment is read: no process group is started."""
     from kasmina.control.processes import init_from_env
 
-    for bad in (0, float("nan"), 1e10):
+    for bad in (0, float("nan"), 1e-4, 1e10):
         with pytest.raises(ValueError, match="timeout_s"):
             init_from_env("gloo", timeout_s=bad)
