@@ -114,8 +114,8 @@ def test_a_cpu_batch_with_no_bad_teacher_row_takes_the_unmasked_kd_loss(
     """On eager CPU tensors a batch with no bad teacher row and no caller's mask reaches
     ``kd_kl_loss`` with no mask (the masked CPU path costs two logits-sized passes more): an
     all-true mask was formed for every batch, ``StaticKDLoss`` and a seed's KD alike. An fp16
-    teacher whose sum passes fp16's range is still found fine; a bad row or a caller's mask is
-    still masked."""
+    teacher whose sum passes fp16's range is still found fine (by the fp32 sum, or else by its
+    rows' maxima: either way no mask); a bad row or a caller's mask is still masked."""
     seen = _masks_handed_on(monkeypatch)
     torch.manual_seed(0)
     student = torch.randn(4, 300, requires_grad=True)
