@@ -74,6 +74,12 @@ def _validate_module_state(name: str, module: nn.Module, saved: Mapping[str, Any
     for key, tensor in live.items():
         if key.rpartition(".")[2] == EXTRA_STATE_KEY:
             continue  # a module's extra state is a value (its length varies), not a weight
+        kept = saved[key]  # taken on meta (no data), it cannot be written over data
+        if isinstance(kept, torch.Tensor) and kept.is_meta and not tensor.is_meta:
+            raise ValueError(
+                f"checkpoint for {name}.{key} holds no data (it was on meta when taken); the "
+                "live one has data: fill it before the checkpoint, or roll back to a later one"
+            )
         problem = load_mismatch(module, key, tensor, saved)
         if problem is not None and problem[0] == "shape":
             raise ValueError(

@@ -157,3 +157,22 @@ def test_a_buffer_on_meta_is_kept_there_by_the_checkpoint_and_the_rollback(rig: 
     assert not torch.equal(rig.model.inp.weight, at_epoch)
     assert run_command(rig.manager, rig.signed(make_rollback_command(0)))
     assert torch.equal(rig.model.inp.weight, at_epoch) and rig.model.inp.unfilled.is_meta
+
+
+def test_a_rollback_over_a_meta_buffer_filled_since_is_refused_before_it_writes(
+    rig: Rig, mlp
+) -> None:
+    """A buffer on ``meta`` when the checkpoint was taken and filled since: the checkpoint holds
+    no data for it, and the rollback failed in its write phase (undone there, but found late).
+    It is refused with the checks, naming the buffer, and nothing changes."""
+    _trained_rig(rig, mlp)
+    rig.model.inp.register_buffer("unfilled", torch.empty(3, device="meta"))
+    rig.manager.end_epoch(0)
+    rig.model.inp.unfilled = torch.full((3,), 7.0)
+    rig.train(2)
+    before = clone_state(rig.model.state_dict())
+    assert rig.manager.handle_adaptation_command(rig.signed(make_rollback_command(0)))
+    (outcome,) = rig.manager.apply_pending(wait=True)
+    assert not outcome.ok and "inp.unfilled holds no data" in outcome.reason, outcome
+    after = rig.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
